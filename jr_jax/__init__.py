@@ -1,0 +1,18 @@
+"""jr_jax: the Jansen-Rit neural mass model in JAX — batched ERP simulation with Diffrax."""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from ._model import Stimulus as Stimulus, drift as drift, sigmoid as sigmoid
+from ._params import (
+    PARAMETER_INFO as PARAMETER_INFO,
+    SIGMA_ABLEIDINGER_2017 as SIGMA_ABLEIDINGER_2017,
+    STUDY_PARAMETERS as STUDY_PARAMETERS,
+    JRParams as JRParams,
+    Prior as Prior,
+)
+from ._solve import DEFAULT_DT as DEFAULT_DT, DEFAULT_SOLVER as DEFAULT_SOLVER, solve as solve
+
+try:
+    __version__ = _version("jr-jax")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,210 @@
+"""Fixed-step Diffrax solves of the JR ODE/SDE for one trajectory or a batch (state ``(6, N)``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._model import NO_STIMULUS, Stimulus, drift, noise_scale
+from ._params import JRParams
+
+SolverName = Literal["euler", "heun", "midpoint"]
+SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
+    "euler": diffrax.Euler,
+    "heun": diffrax.Heun,
+    "midpoint": diffrax.Midpoint,
+}
+#: Defaults chosen by the convergence study in ``benchmarks/convergence.py`` (see README).
+DEFAULT_SOLVER: SolverName = "heun"
+DEFAULT_DT: float = 5e-4
+
+
+def check_solver(solver: str, dt: float) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0:
+        raise ValueError(f"dt must be a number > 0 (s), got {dt!r}")
+
+
+class _NoiseOnY4(diffrax.AbstractTerm):
+    """Additive noise A_e b_e sigma dW on y4 from pre-drawn increments (one row per step).
+
+    Time runs in solver steps (step k covers [k, k+1]), so the increment of step k is row k.
+    """
+
+    increments: Float[Array, "n_steps N"]
+
+    def vf(self, t, y, args):
+        params = args[0]
+        return jnp.broadcast_to(noise_scale(params), y.shape[1:]).astype(y.dtype)
+
+    def contr(self, t0, t1, **kwargs):
+        index = jnp.clip(jnp.round(t0).astype(jnp.int32), 0, self.increments.shape[0] - 1)
+        return self.increments[index]
+
+    def prod(self, vf, control):
+        d = vf * control
+        z = jnp.zeros_like(d)
+        return jnp.stack([z, z, z, z, d, z])
+
+
+def brownian_increments(keys: PRNGKeyArray, n_steps: int, dt: float, dtype) -> Float[Array, "n_steps N"]:
+    """Increments dW ~ N(0, dt) for each trajectory: column i is drawn from ``keys[i]`` alone."""
+    z = jax.vmap(lambda k: jax.random.normal(k, (n_steps,), dtype))(keys)
+    return (z * jnp.asarray(math.sqrt(dt), dtype)).T
+
+
+def integrate(
+    params: JRParams,
+    y0: Float[Array, "6 N"],
+    n_steps: int,
+    save_steps: np.ndarray,
+    *,
+    dt: float,
+    solver: str,
+    stimulus: Stimulus = NO_STIMULUS,
+    onset_step: float = 0.0,
+    increments: Float[Array, "n_steps N"] | None = None,
+) -> Float[Array, "n_save 6 N"]:
+    """Integrate ``n_steps`` fixed steps of size ``dt`` (s) from ``y0`` (state ``(6, N)``).
+
+    Time is counted in steps: the stimulus onset is at step ``onset_step``; ``save_steps`` (static,
+    increasing, within ``[0, n_steps]``) are the steps at which the state is returned.
+    ``increments`` (``(n_steps, N)``) makes it the SDE with noise on y4, else the ODE.
+    """
+    dtype = y0.dtype
+    dt_ = jnp.asarray(dt, dtype)
+
+    def vector_field(tau, y, args):
+        p, = args
+        t_rel = (tau - onset_step) * dt_
+        return dt_ * drift(t_rel, y, p, stimulus)
+
+    terms = diffrax.ODETerm(vector_field)
+    if increments is not None:
+        terms = diffrax.MultiTerm(terms, _NoiseOnY4(increments))
+    sol = diffrax.diffeqsolve(
+        terms,
+        SOLVERS[solver](),
+        t0=0.0,
+        t1=float(n_steps),
+        dt0=1.0,
+        y0=y0,
+        args=(params,),
+        saveat=diffrax.SaveAt(ts=jnp.asarray(save_steps, dtype)),
+        stepsize_controller=diffrax.ConstantStepSize(),
+        max_steps=int(n_steps) + 1,
+        throw=False,
+    )
+    return sol.ys
+
+
+def _state_dtype(params: JRParams):
+    return jnp.result_type(*(getattr(params, n).dtype for n in JRParams.names))
+
+
+def per_sample_keys(key: PRNGKeyArray, n: int, start: int = 0) -> PRNGKeyArray:
+    """Keys ``fold_in(key, i)`` for i = start..start+n-1: sample i's key depends on i alone."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + n))
+
+
+def as_typed_key(key, name: str = "key") -> PRNGKeyArray:
+    """Accept new-style typed keys and legacy uint32 keys (``jax.random.PRNGKey``)."""
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got dtype {key.dtype} shape {key.shape}")
+
+
+def solve(
+    params: JRParams,
+    ts,
+    *,
+    y0=None,
+    key: PRNGKeyArray | None = None,
+    dt: float = DEFAULT_DT,
+    solver: SolverName = DEFAULT_SOLVER,
+    stimulus: Stimulus | None = None,
+) -> Float[Array, "*batch n_ts 6"]:
+    """The JR trajectory at times ``ts`` (s), by a fixed-step ``diffrax.diffeqsolve``.
+
+    - ``params``: one parameter set (output ``(len(ts), 6)``) or a batch with leading axis N
+      (output ``(N, len(ts), 6)``). A batch is solved as one ``diffeqsolve`` over a ``(6, N)`` state.
+    - ``ts``: increasing times (s), concrete (a NumPy array or list): they fix the number of steps.
+      Integration starts at ``ts[0]``; a stimulus onset, if any, is at t = 0.
+    - ``y0``: state at ``ts[0]``, shape ``(6,)`` or ``(N, 6)`` (mV, mV/s); default zeros.
+    - ``key``: ``None`` or ``sigma == 0`` gives the ODE; otherwise the SDE with noise
+      ``A_e b_e sigma dW`` on y4. For a batch, keys of shape ``(N,)``, or one key from which
+      sample i gets ``fold_in(key, i)``.
+    - ``dt``: solver step (s); ``solver``: ``"euler"`` (Euler-Maruyama), ``"heun"`` or ``"midpoint"``.
+
+    Works under ``jax.jit`` (with ``ts`` closed over), ``jax.vmap`` and ``jax.grad``.
+    """
+    check_solver(solver, dt)
+    if not isinstance(params, JRParams):
+        raise TypeError(f"params must be a JRParams, got {type(params).__name__}")
+    if isinstance(ts, jax.core.Tracer):
+        raise TypeError("ts must be concrete (a NumPy array or a list), not traced: it fixes the number of steps")
+    ts = np.asarray(ts, dtype=float)
+    if ts.ndim != 1 or ts.size < 1 or not np.all(np.isfinite(ts)) or np.any(np.diff(ts) < 0):
+        raise ValueError(f"ts must be a 1-D array of finite, non-decreasing times (s), got shape {ts.shape}")
+    batch = params.batch_shape
+    if len(batch) > 1:
+        raise ValueError(f"params must be unbatched or have one batch axis, got batch shape {batch}")
+    n = batch[0] if batch else 1
+    p = params.broadcast()
+    if not batch:
+        p = jax.tree_util.tree_map(lambda x: x[None], p)
+    dtype = _state_dtype(p)
+
+    if y0 is None:
+        y = jnp.zeros((6, n), dtype)
+    else:
+        y0 = jnp.asarray(y0, dtype)
+        if y0.shape not in ((6,), (n, 6)):
+            raise ValueError(f"y0 must have shape (6,) or ({n}, 6), got {y0.shape}")
+        y = jnp.broadcast_to(y0, (n, 6)).T
+
+    steps = (ts - ts[0]) / dt
+    rounded = np.round(steps)
+    steps = np.where(np.abs(steps - rounded) < 1e-6, rounded, steps)
+    n_steps = max(int(math.ceil(steps[-1] - 1e-9)), 1)
+    onset = -ts[0] / dt
+    onset = float(round(onset)) if abs(onset - round(onset)) < 1e-6 else float(onset)
+
+    increments = None
+    stochastic = key is not None and not (
+        not isinstance(p.sigma, jax.core.Tracer) and bool(np.all(np.asarray(p.sigma) == 0))
+    )
+    if stochastic:
+        key = as_typed_key(key)
+        if key.shape == ():
+            keys = per_sample_keys(key, n) if batch else key[None]
+        elif batch and key.shape == (n,):
+            keys = key
+        else:
+            raise ValueError(f"key must be one key or, for a batch of {n}, keys of shape ({n},); got shape {key.shape}")
+        increments = brownian_increments(keys, n_steps, dt, dtype)
+
+    ys = integrate(
+        p,
+        y,
+        n_steps,
+        steps,
+        dt=dt,
+        solver=solver,
+        stimulus=NO_STIMULUS if stimulus is None else stimulus,
+        onset_step=onset,
+        increments=increments,
+    )
+    ys = jnp.transpose(ys, (2, 0, 1))  # (N, n_ts, 6)
+    return ys if batch else ys[0]
