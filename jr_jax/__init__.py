@@ -10,6 +10,11 @@ from ._params import (
     JRParams as JRParams,
     Prior as Prior,
 )
+from ._simulate import (
+    Protocol as Protocol,
+    add_measurement_noise as add_measurement_noise,
+    simulate as simulate,
+)
 from ._solve import DEFAULT_DT as DEFAULT_DT, DEFAULT_SOLVER as DEFAULT_SOLVER, solve as solve
 
 try:
