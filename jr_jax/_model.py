@@ -11,7 +11,9 @@ import math
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import jax.scipy.stats
 from jaxtyping import Array, Float
 
 from ._params import JRParams
@@ -60,28 +62,47 @@ class Stimulus(eqx.Module):
     def __call__(self, t):
         """s(t) in s^-1 at time ``t`` (s) relative to the onset."""
         if self.shape == "rect":
-            # The end is pulled in by 1e-6 of the duration so that a solver grid point that lands on
-            # it (k * dt == duration up to float32 rounding) counts as off: the pulse then covers
-            # exactly duration / dt steps.
-            on = (t >= 0.0) & (t < self.duration * (1 - 1e-6))
+            on = (t >= 0.0) & (t < self.duration)
             return jnp.where(on, self.amplitude, 0.0)
         centre, sd = self.duration / 2, self.duration / 4
         return self.amplitude * self.duration / (sd * jnp.sqrt(2 * jnp.pi)) * jnp.exp(-0.5 * ((t - centre) / sd) ** 2)
 
 
+    def integral(self, t):
+        """The integral of s from -inf to ``t`` (s): a count, dimensionless."""
+        if self.shape == "rect":
+            return self.amplitude * jnp.clip(t, 0.0, self.duration)
+        centre, sd = self.duration / 2, self.duration / 4
+        return self.amplitude * self.duration * jax.scipy.stats.norm.cdf((t - centre) / sd)
+
+    def gains_per_state(self, params: JRParams):
+        """Coefficients (mV s^-1 per unit of s dt) with which s enters dy3, dy4, dy5."""
+        g3, g4, g5 = self.gains
+        ae_be = params.A_e * params.b_e
+        return ae_be * g3, ae_be * g4, params.A_i * params.b_i * g5
+
+
 NO_STIMULUS = Stimulus(amplitude=0.0)
 
 
-def drift(t, y: Float[Array, "6 *batch"], params: JRParams, stimulus: Stimulus) -> Float[Array, "6 *batch"]:
-    """dy/dt of the JR model (DESIGN §2) at time ``t`` (s, relative to stimulus onset)."""
+def drift(
+    t, y: Float[Array, "6 *batch"], params: JRParams, stimulus: Stimulus | None = None
+) -> Float[Array, "6 *batch"]:
+    """dy/dt of the JR model (DESIGN §2) at time ``t`` (s, relative to the stimulus onset).
+
+    The solvers integrate the stimulus separately, exactly over each step (it enters linearly),
+    and call this with ``stimulus=None``.
+    """
     y0, y1, y2, y3, y4, y5 = y
     p = params
-    s = stimulus(t)
-    g3, g4, g5 = stimulus.gains
     ae_be = p.A_e * p.b_e
-    dy3 = ae_be * (sigmoid(y1 - y2, p) + g3 * s) - 2.0 * p.b_e * y3 - p.b_e**2 * y0
-    dy4 = ae_be * (p.mu + g4 * s + p.a_2 * p.C * sigmoid(p.a_1 * p.C * y0, p)) - 2.0 * p.b_e * y4 - p.b_e**2 * y1
-    dy5 = p.A_i * p.b_i * (p.a_4 * p.C * sigmoid(p.a_3 * p.C * y0, p) + g5 * s) - 2.0 * p.b_i * y5 - p.b_i**2 * y2
+    dy3 = ae_be * sigmoid(y1 - y2, p) - 2.0 * p.b_e * y3 - p.b_e**2 * y0
+    dy4 = ae_be * (p.mu + p.a_2 * p.C * sigmoid(p.a_1 * p.C * y0, p)) - 2.0 * p.b_e * y4 - p.b_e**2 * y1
+    dy5 = p.A_i * p.b_i * p.a_4 * p.C * sigmoid(p.a_3 * p.C * y0, p) - 2.0 * p.b_i * y5 - p.b_i**2 * y2
+    if stimulus is not None and stimulus.amplitude != 0:
+        s = stimulus(t)
+        g3, g4, g5 = stimulus.gains_per_state(p)
+        dy3, dy4, dy5 = dy3 + g3 * s, dy4 + g4 * s, dy5 + g5 * s
     return jnp.stack([y3, y4, y5, dy3, dy4, dy5])
 
 
