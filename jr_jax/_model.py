@@ -20,8 +20,11 @@ from ._params import JRParams
 
 
 def sigmoid(v, params: JRParams):
-    """Population firing rate S(v) = 2 e0 / (1 + exp(r (v0 - v))) in s^-1; ``v`` in mV."""
-    return 2.0 * params.e0 / (1.0 + jnp.exp(params.r * (params.v0 - v)))
+    """Population firing rate S(v) = 2 e0 / (1 + exp(r (v0 - v))) in s^-1; ``v`` in mV.
+
+    Evaluated as 2 e0 * logistic(r (v - v0)), which neither overflows nor gives NaN gradients.
+    """
+    return 2.0 * params.e0 * jax.nn.sigmoid(params.r * (v - params.v0))
 
 
 class Stimulus(eqx.Module):
