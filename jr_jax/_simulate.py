@@ -185,11 +185,13 @@ def _noisy(erp, snr_db, key, color):
     return erp + std * measurement_noise(key, erp.shape, color, erp.dtype)
 
 
-def _erp_batch(protocol: Protocol, params: JRParams, keys: PRNGKeyArray | None) -> Array:
-    """ERPs ``(n, *output_shape)`` for a batch of ``n`` parameter sets (one chunk)."""
+def _erp_batch(protocol: Protocol, stochastic: bool, params: JRParams, keys: PRNGKeyArray | None) -> Array:
+    """ERPs ``(n, *output_shape)`` for a batch of ``n`` parameter sets (one chunk).
+
+    ``stochastic``: whether the dynamics have intrinsic noise (else one noise-free trial).
+    """
     n = params.batch_shape[0]
     dtype = jnp.result_type(*(getattr(params, f).dtype for f in JRParams.names))
-    stochastic = keys is not None
     if stochastic:
         dynamics_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
         segment_keys = lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(dynamics_keys)  # noqa: E731
@@ -231,16 +233,7 @@ def _erp_batch(protocol: Protocol, params: JRParams, keys: PRNGKeyArray | None) 
     return erp
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _erp_batch_jit(protocol, params, keys):
-    return _erp_batch(protocol, params, keys)
-
-
-def _needs_key(params: JRParams, protocol: Protocol) -> bool:
-    if protocol.snr_db is not None:
-        return True
-    sigma = params.sigma
-    return isinstance(sigma, jax.core.Tracer) or bool(np.any(np.asarray(sigma) != 0))
+_erp_batch_jit = jax.jit(_erp_batch, static_argnums=(0, 1))
 
 
 def simulate(
@@ -259,6 +252,8 @@ def simulate(
     - A sample whose trajectory diverges (non-finite values) comes back as a row of NaN; the other
       samples are unaffected. ``jnp.isfinite(erp).all(axis=1)`` is the validity mask.
 
+    Under ``jax.jit`` with traced parameters, ``key=None`` gives the noise-free ERP whatever sigma.
+
     With more than one chunk, chunks are gathered on the host and returned as a CPU array.
     """
     protocol = Protocol() if protocol is None else protocol
@@ -274,9 +269,11 @@ def simulate(
     n = batch[0] if batch else 1
     if n == 0:
         raise ValueError("params has an empty batch (N = 0)")
-    stochastic = _needs_key(params, protocol)
-    if stochastic and key is None:
+    sigma_traced = isinstance(params.sigma, jax.core.Tracer)
+    noisy_dynamics = (key is not None) if sigma_traced else bool(np.any(np.asarray(params.sigma) != 0))
+    if (noisy_dynamics or protocol.snr_db is not None) and key is None:
         raise ValueError("key is required: sigma > 0 or protocol.snr_db is set, so the ERP is random")
+    needs_keys = key is not None and (noisy_dynamics or protocol.snr_db is not None)
     if key is not None:
         key = as_typed_key(key)
         if key.shape != ():
@@ -301,10 +298,10 @@ def simulate(
     for start in range(0, n, chunk):
         index = np.minimum(np.arange(start, start + chunk), n - 1)  # pad the last chunk
         pc = jax.tree_util.tree_map(lambda x: x[index], p) if (start > 0 or chunk != n) else p
-        kc = per_sample_keys(key, chunk, start) if stochastic else None
+        kc = per_sample_keys(key, chunk, start) if needs_keys else None
         if sharding is not None:
             pc, kc = jax.device_put((pc, kc), sharding)
-        out = _erp_batch_jit(protocol, pc, kc)[: min(chunk, n - start)]
+        out = _erp_batch_jit(protocol, noisy_dynamics, pc, kc)[: min(chunk, n - start)]
         outputs.append(out)
     if len(outputs) == 1:
         erp = outputs[0]
