@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry_2x32
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._model import NO_STIMULUS, Stimulus, drift, noise_scale
@@ -81,10 +82,26 @@ class _StimulusTerm(diffrax.AbstractTerm):
         return jnp.stack([z, z, z, g3 * control, g4 * control, g5 * control])
 
 
+def standard_normals(keys: PRNGKeyArray, n: int, dtype) -> Float[Array, "n N"]:
+    """``n`` independent N(0, 1) draws per key, column i from ``keys[i]`` alone.
+
+    For threefry keys (JAX's default) each Threefry-2x32 block gives two draws (jax.random.normal
+    in its partitionable mode spends one block per draw), mapped by the inverse CDF as
+    jax.random.normal does: about 1.5x its speed on a CPU, the bound of an SDE solve.
+    """
+    if str(jax.random.key_impl(keys)) != "threefry2x32":
+        return jax.vmap(lambda k: jax.random.normal(k, (n,), dtype), out_axes=1)(keys)
+    counts = jnp.arange(n, dtype=jnp.uint32)
+    bits = jax.vmap(lambda k: threefry_2x32(k, counts), out_axes=1)(jax.random.key_data(keys))
+    # 23 random mantissa bits -> u in [1, 2) -> v in [-1, 1) -> sqrt(2) erfinv(v), v kept off -1
+    u = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
+    v = jnp.maximum(2.0 * u - 3.0, np.nextafter(np.float32(-1), np.float32(0)))
+    return (np.float32(math.sqrt(2)) * jax.lax.erf_inv(v)).astype(dtype)
+
+
 def brownian_increments(keys: PRNGKeyArray, n_steps: int, dt: float, dtype) -> Float[Array, "n_steps N"]:
     """Increments dW ~ N(0, dt) for each trajectory: column i is drawn from ``keys[i]`` alone."""
-    z = jax.vmap(lambda k: jax.random.normal(k, (n_steps,), dtype))(keys)
-    return (z * jnp.asarray(math.sqrt(dt), dtype)).T
+    return standard_normals(keys, n_steps, dtype) * jnp.asarray(math.sqrt(dt), dtype)
 
 
 def integrate(
