@@ -13,7 +13,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.stats
+import numpy as np
 from jaxtyping import Array, Float
 
 from ._params import JRParams
@@ -71,12 +71,14 @@ class Stimulus(eqx.Module):
         return self.amplitude * self.duration / (sd * jnp.sqrt(2 * jnp.pi)) * jnp.exp(-0.5 * ((t - centre) / sd) ** 2)
 
 
-    def integral(self, t):
-        """The integral of s from -inf to ``t`` (s): a count, dimensionless."""
+    def integral(self, t) -> np.ndarray:
+        """The integral of s from -inf to ``t`` (s), in NumPy float64: a count, dimensionless."""
+        t = np.asarray(t, dtype=float)
         if self.shape == "rect":
-            return self.amplitude * jnp.clip(t, 0.0, self.duration)
+            return self.amplitude * np.clip(t, 0.0, self.duration)
         centre, sd = self.duration / 2, self.duration / 4
-        return self.amplitude * self.duration * jax.scipy.stats.norm.cdf((t - centre) / sd)
+        erf = np.vectorize(math.erf, otypes=[float])
+        return self.amplitude * self.duration * 0.5 * (1.0 + erf((t - centre) / (sd * math.sqrt(2.0))))
 
     def gains_per_state(self, params: JRParams):
         """Coefficients (mV s^-1 per unit of s dt) with which s enters dy3, dy4, dy5."""

@@ -34,52 +34,50 @@ def check_solver(solver: str, dt: float) -> None:
         raise ValueError(f"dt must be a number > 0 (s), got {dt!r}")
 
 
-class _NoiseOnY4(diffrax.AbstractTerm):
-    """Additive noise A_e b_e sigma dW on y4 from pre-drawn increments (one row per step).
+class _JRTerm(diffrax.AbstractTerm):
+    """The whole JR right-hand side as one term, in time measured in solver steps.
 
-    Time runs in solver steps (step k covers [k, k+1]), so the increment of step k is row k.
+    Control over step k = [t0, t1]: ``(t1 - t0, dS[k], dW[k])`` with dS the exact integral of the
+    stimulus over the step (it enters linearly, so integrating it exactly keeps each solver's
+    order across the pulse edges) and dW the pre-drawn Brownian increments (one row per step).
+    The vector field: ``(dt * drift(y), stimulus gains on y3..y5, A_e b_e sigma)``.
     """
 
-    increments: Float[Array, "n_steps N"]
+    stimulus: Stimulus | None = eqx.field(static=True)
+    stimulus_increments: Float[Array, " n_steps"] | None
+    dt: Array
+    increments: Float[Array, "n_steps N"] | None
 
     def vf(self, t, y, args):
         params = args[0]
-        return jnp.broadcast_to(noise_scale(params), y.shape[1:]).astype(y.dtype)
+        # additive coefficients on y3, y4, y5 (None where nothing is added)
+        stim = [None, None, None]
+        if self.stimulus is not None:
+            gains = self.stimulus.gains_per_state(params)
+            stim = [g if static != 0 else None for g, static in zip(gains, self.stimulus.gains)]
+        noise = None if self.increments is None else noise_scale(params)
+        return self.dt * drift(None, y, params), stim, noise
 
     def contr(self, t0, t1, **kwargs):
-        index = jnp.clip(jnp.round(t0).astype(jnp.int32), 0, self.increments.shape[0] - 1)
-        return self.increments[index]
+        ds = dw = None
+        if self.stimulus is not None or self.increments is not None:
+            index = jnp.round(t0).astype(jnp.int32)
+        if self.stimulus is not None:
+            ds = self.stimulus_increments[jnp.clip(index, 0, self.stimulus_increments.shape[0] - 1)]
+        if self.increments is not None:
+            dw = self.increments[jnp.clip(index, 0, self.increments.shape[0] - 1)]
+        return t1 - t0, ds, dw
 
     def prod(self, vf, control):
-        d = vf * control
-        z = jnp.zeros_like(d)
-        return jnp.stack([z, z, z, z, d, z])
-
-
-class _StimulusTerm(diffrax.AbstractTerm):
-    """The stimulus as a control: its exact integral over each step, times its gains on y3..y5.
-
-    Integrating the pulse exactly (rather than sampling it at stage times) keeps each solver's order
-    across the pulse edges and makes the pulse the same length for every solver.
-    """
-
-    stimulus: Stimulus = eqx.field(static=True)
-    onset_step: float
-    dt: float
-
-    def vf(self, t, y, args):
-        params = args[0]
-        return tuple(jnp.broadcast_to(g, y.shape[1:]).astype(y.dtype) for g in self.stimulus.gains_per_state(params))
-
-    def contr(self, t0, t1, **kwargs):
-        return self.stimulus.integral((t1 - self.onset_step) * self.dt) - self.stimulus.integral(
-            (t0 - self.onset_step) * self.dt
-        )
-
-    def prod(self, vf, control):
-        g3, g4, g5 = vf
-        z = jnp.zeros_like(g3)
-        return jnp.stack([z, z, z, g3 * control, g4 * control, g5 * control])
+        f, stim, noise = vf
+        dtau, ds, dw = control
+        out = f * dtau
+        for row, g in zip((3, 4, 5), stim):
+            if g is not None:
+                out = out.at[row].add(g * ds)
+        if noise is not None:
+            out = out.at[4].add(noise * dw)
+        return out
 
 
 def standard_normals(keys: PRNGKeyArray, n: int, dtype) -> Float[Array, "n N"]:
@@ -123,19 +121,15 @@ def integrate(
     ``increments`` (``(n_steps, N)``) makes it the SDE with noise on y4, else the ODE.
     """
     dtype = y0.dtype
-    dt_ = jnp.asarray(dt, dtype)
 
-    def vector_field(tau, y, args):
-        return dt_ * drift(None, y, args[0])
-
-    terms = [diffrax.ODETerm(vector_field)]
+    stim, stim_increments = None, None
     if stimulus.amplitude != 0:
-        terms.append(_StimulusTerm(stimulus, jnp.asarray(onset_step, dtype), dt_))
-    if increments is not None:
-        terms.append(_NoiseOnY4(increments))
-    terms = terms[0] if len(terms) == 1 else diffrax.MultiTerm(*terms)
+        stim = stimulus
+        edges = (np.arange(n_steps + 1) - onset_step) * dt  # float64, exact on the grid
+        stim_increments = jnp.asarray(np.diff(stimulus.integral(edges)), dtype)
+    term = _JRTerm(stim, stim_increments, jnp.asarray(dt, dtype), increments)
     sol = diffrax.diffeqsolve(
-        terms,
+        term,
         SOLVERS[solver](),
         t0=0.0,
         t1=float(n_steps),
