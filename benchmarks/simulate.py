@@ -185,7 +185,7 @@ def main():
         record(n, "hand-written lax.scan Euler-Maruyama", best_time(scan, params, jax.random.key(0)))
 
         theta = {k: np.asarray(getattr(params, k)) for k in jr_jax.JRParams.names}
-        numpy_steps = 1000
+        numpy_steps = 3000
         t = time.perf_counter()
         numpy_euler_maruyama(theta, numpy_steps)
         record(n, "NumPy vectorised Euler-Maruyama", time.perf_counter() - t, steps=numpy_steps)

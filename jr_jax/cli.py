@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def _simulate(args: argparse.Namespace) -> int:
         n=args.n, seed=args.seed, prior=args.prior, sigma=args.sigma, n_trials=args.trials, snr_db=args.snr,
         noise_color=args.noise_color, fs=protocol.fs, tmin=protocol.tmin, tmax=protocol.tmax,
         dt=protocol.dt, solver=protocol.solver, seconds=seconds, n_valid=int(valid.sum()),
-        device=str(jax.devices()[0]), jax=jax.__version__,
+        device=str(jax.devices()[0]), n_devices=len(jax.devices()), jax=jax.__version__,
     )
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     _plot(out / "erps.png", protocol.times, erp, theta, prior.names)
@@ -85,7 +86,20 @@ def _plot(path: Path, times, erp, theta, names) -> None:
     plt.close(fig)
 
 
+def _use_all_cpu_cores() -> None:
+    """Expose each CPU core as a JAX host device, so that simulate() shards over all of them.
+
+    Only when JAX is not yet imported and the user has not set the flag; on a GPU machine the
+    accelerators are still the default devices.
+    """
+    flag = "--xla_force_host_platform_device_count"
+    if "jax" in sys.modules or flag in os.environ.get("XLA_FLAGS", ""):
+        return
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={os.cpu_count() or 1}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _use_all_cpu_cores()
     parser = argparse.ArgumentParser(prog="jr-jax", description="Jansen-Rit ERPs in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", help="simulate ERPs drawn from the prior; write them, their parameters and a plot")
