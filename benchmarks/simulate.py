@@ -32,6 +32,7 @@ import numpy as np
 
 import jr_jax
 from jr_jax._model import drift, noise_scale
+from jr_jax._solve import brownian_increments
 
 T, DT = 1.0, 1e-4
 STEPS = int(round(T / DT))
@@ -189,6 +190,10 @@ def main():
         t = time.perf_counter()
         numpy_euler_maruyama(theta, numpy_steps)
         record(n, "NumPy vectorised Euler-Maruyama", time.perf_counter() - t, steps=numpy_steps)
+
+        increments = jax.jit(lambda k: brownian_increments(k, STEPS, DT, jnp.float32))
+        first_call(increments, keys)
+        record(n, "jr_jax Brownian increments alone (per-key)", best_time(increments, keys))
 
         normals = jax.jit(lambda k: jax.random.normal(k, (STEPS, n), jnp.float32))
         first_call(normals, jax.random.key(0))
