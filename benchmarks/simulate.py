@@ -3,7 +3,8 @@
 One run measures, side by side, sim-steps/s (one time step of one trajectory) for N = 1024 and
 4096 trajectories x 1 s at dt = 0.1 ms in float32 (10^4 steps each):
 
-- jr_jax.solve, batched SDE (Euler-Maruyama and Heun) and ODE (Euler and Heun), jitted;
+- jr_jax.solve, batched SDE (Euler-Maruyama and Heun) and ODE (Euler and Heun), jitted, and
+  jax.vmap over single solves (works, but runs Diffrax's loop batched);
 - jr_jax.simulate over the same 1 s (SDE, Euler), on 1 and on 2 host devices (the second in a
   subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=2, which puts both cores to work);
 - a hand-written lax.scan Euler-Maruyama with the noise drawn by jax.random.normal up front;
@@ -170,6 +171,10 @@ def main():
                 results["sizes"][str(n)]["recompiled_for_new_values"] = sde._cache_size() != before
                 results["sizes"][str(n)]["first_call_new_values_s"] = t_new
             record(n, f"jr_jax.solve SDE ({solver})", t_sde)
+            if solver == "euler":
+                vm = jax.jit(jax.vmap(lambda p, k: jr_jax.solve(p, TS, key=k, dt=DT, solver="euler")))
+                first_call(vm, params, keys)
+                record(n, "jax.vmap over single jr_jax.solve SDE (euler)", best_time(vm, params, keys, repeat=1))
             first_call(ode, params)
             record(n, f"jr_jax.solve ODE ({solver})", best_time(ode, params))
 
