@@ -2,6 +2,13 @@
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from ._data import (
+    Dataset as Dataset,
+    DatasetError as DatasetError,
+    Split as Split,
+    load_dataset as load_dataset,
+    make_dataset as make_dataset,
+)
 from ._model import Stimulus as Stimulus, drift as drift, sigmoid as sigmoid
 from ._params import (
     PARAMETER_INFO as PARAMETER_INFO,

@@ -138,6 +138,10 @@ class JRParams(eqx.Module):
             raise TypeError("len() of an unbatched JRParams")
         return shape[0]
 
+    def to_dict(self) -> dict[str, float | list]:
+        """Field values as plain Python numbers or lists (JSON-ready)."""
+        return {n: np.asarray(getattr(self, n)).tolist() for n in PARAMETER_NAMES}
+
     # --- the millisecond convention of TVB / vbjax / tvboptim --------------------------------
 
     def to_tvb(self) -> dict[str, np.ndarray]:
@@ -245,15 +249,15 @@ class Prior(eqx.Module):
     def units(self) -> tuple[str, ...]:
         return tuple(PARAMETER_INFO[n][1] for n in self.names)
 
-    def sample_array(self, key: PRNGKeyArray, n: int) -> Float[Array, "n n_params"]:
+    def sample_array(self, key: PRNGKeyArray, n: int, *, first_index: int = 0) -> Float[Array, "n n_params"]:
         """``n`` draws as an array ``(n, n_params)`` in the order of ``names``.
 
-        Row i depends only on ``key`` and i (not on ``n``).
+        Row i is draw ``first_index + i``, which depends only on ``key`` and that index (not on n).
         """
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"Prior.sample: n must be a positive integer, got {n!r}")
         lows, highs = jnp.asarray(self.lows), jnp.asarray(self.highs)
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(first_index, first_index + n))
         d = len(self.names)
         if self.kind == "uniform":
             u = jax.vmap(lambda k: jax.random.uniform(k, (d,)))(keys)
@@ -261,9 +265,27 @@ class Prior(eqx.Module):
         z = jax.vmap(lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (d,)))(keys)
         return jnp.clip((lows + highs) / 2 + (highs - lows) / 4 * z, lows, highs)
 
-    def sample(self, key: PRNGKeyArray, n: int) -> JRParams:
+    def sample(self, key: PRNGKeyArray, n: int, *, first_index: int = 0) -> JRParams:
         """``n`` draws as a batched :class:`JRParams` (every field of shape ``(n,)``)."""
-        return self.to_params(self.sample_array(key, n))
+        return self.to_params(self.sample_array(key, n, first_index=first_index))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready description; :meth:`from_dict` rebuilds the same prior."""
+        return dict(
+            kind=self.kind,
+            names=list(self.names),
+            bounds={n: [float(lo), float(hi)] for n, lo, hi in zip(self.names, self.lows, self.highs)},
+            base=self.base.to_dict(),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prior":
+        return cls(
+            names=tuple(d["names"]),
+            kind=d["kind"],
+            bounds={n: tuple(b) for n, b in d["bounds"].items()},
+            base=JRParams(**d["base"]),
+        )
 
     def to_params(self, theta: Float[Array, "n n_params"]) -> JRParams:
         """Rows of ``theta`` (in the order of ``names``) as a batched ``JRParams``."""

@@ -122,6 +122,21 @@ class Protocol(eqx.Module):
         """Shape of one ERP: ``(n_times,)`` or ``(n_times, n_channels)``."""
         return (self.n_times,) if self.lead_field is None else (self.n_times, len(self.lead_field))
 
+    def to_dict(self) -> dict:
+        """A JSON-ready description; :meth:`from_dict` rebuilds the same protocol."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        st = self.stimulus
+        d["stimulus"] = dict(amplitude=st.amplitude, duration=st.duration, gains=list(st.gains), shape=st.shape)
+        d["lead_field"] = None if self.lead_field is None else list(self.lead_field)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Protocol":
+        d = dict(d)
+        st = dict(d.pop("stimulus"))
+        st["gains"] = tuple(st["gains"])
+        return cls(stimulus=Stimulus(**st), **d)
+
     def replace(self, **changes) -> "Protocol":
         """A copy with the named fields changed (and validated)."""
         fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -242,11 +257,13 @@ def simulate(
     *,
     key: PRNGKeyArray | None = None,
     chunk_size: int = 1024,
+    first_index: int = 0,
 ) -> Float[Array, "*batch n_times *channels"]:
     """ERPs (mV) of one parameter set, shape ``protocol.output_shape``, or of a batch, ``(N, ...)``.
 
     - ``key``: needed when ``sigma > 0`` or ``protocol.snr_db`` is set; sample i uses
-      ``fold_in(key, i)`` only, so its ERP does not depend on N, ``chunk_size`` or the devices.
+      ``fold_in(key, first_index + i)`` only, so its ERP does not depend on N, ``chunk_size`` or
+      the devices (``first_index`` lets a part of a larger batch be simulated on its own).
     - ``chunk_size``: at most this many trajectories are solved at once (memory is bounded by it;
       one compilation serves every chunk). Each chunk is split over all local devices.
     - A sample whose trajectory diverges (non-finite values) comes back as a row of NaN; the other
@@ -263,6 +280,8 @@ def simulate(
         raise TypeError(f"protocol must be a jr_jax.Protocol, got {type(protocol).__name__}")
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if not (isinstance(first_index, (int, np.integer)) and first_index >= 0):
+        raise ValueError(f"first_index must be an integer >= 0, got {first_index!r}")
     batch = params.batch_shape
     if len(batch) > 1:
         raise ValueError(f"params must be unbatched or have one batch axis, got batch shape {batch}")
@@ -298,7 +317,7 @@ def simulate(
     for start in range(0, n, chunk):
         index = np.minimum(np.arange(start, start + chunk), n - 1)  # pad the last chunk
         pc = jax.tree_util.tree_map(lambda x: x[index], p) if (start > 0 or chunk != n) else p
-        kc = per_sample_keys(key, chunk, start) if needs_keys else None
+        kc = per_sample_keys(key, chunk, first_index + start) if needs_keys else None
         if sharding is not None:
             pc, kc = jax.device_put((pc, kc), sharding)
         out = _erp_batch_jit(protocol, noisy_dynamics, pc, kc)[: min(chunk, n - start)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -15,56 +14,49 @@ def _simulate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from ._params import Prior
-    from ._simulate import Protocol, simulate
+    from ._data import DatasetError, make_dataset
+    from ._params import JRParams, Prior
+    from ._simulate import Protocol
 
     out = Path(args.out)
-    targets = [out / "erps.npz", out / "params.csv", out / "erps.png", out / "run.json"]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not args.force:
-        print(f"error: {', '.join(existing)} already exist; pass --force to overwrite, or choose --out", file=sys.stderr)
-        return 2
-    if args.n < 1:
-        print(f"error: --n must be >= 1, got {args.n}", file=sys.stderr)
+    png = out.with_suffix(".png")
+    if png.exists() and not out.exists() and not args.force:
+        print(f"error: {png} already exists; pass --force to overwrite, or choose --out", file=sys.stderr)
         return 2
     try:
-        prior = Prior(kind=args.prior)
-        protocol = Protocol(n_trials=args.trials, snr_db=args.snr, noise_color=args.noise_color)
-        key_prior, key_sim = jax.random.split(jax.random.key(args.seed))
-        params = prior.sample(key_prior, args.n).replace(sigma=args.sigma)
-    except ValueError as e:
+        prior = Prior(kind=args.prior, base=JRParams(sigma=args.sigma))
+        protocol = Protocol(n_trials=args.trials)
+        t0 = time.perf_counter()
+        ds = make_dataset(prior, protocol, args.n, out, key=jax.random.key(args.seed), chunk_size=args.chunk_size,
+                          overwrite=args.force, scheduler=args.scheduler)
+    except (ValueError, FileExistsError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    erp = np.asarray(simulate(params, protocol, key=key_sim, chunk_size=args.chunk_size))
     seconds = time.perf_counter() - t0
-    theta = np.asarray(prior.to_array(params))
-    valid = np.isfinite(erp).all(axis=1)
-
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        out / "erps.npz", erp=erp, theta=theta, valid=valid, times=protocol.times,
-        names=np.array(prior.names), units=np.array(prior.units),
-    )
-    with open(out / "params.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sample", *(f"{n} [{u}]" for n, u in zip(prior.names, prior.units)), "valid"])
-        for i, row in enumerate(theta):
-            w.writerow([i, *(f"{v:.6g}" for v in row), bool(valid[i])])
-    run = dict(
-        n=args.n, seed=args.seed, prior=args.prior, sigma=args.sigma, n_trials=args.trials, snr_db=args.snr,
-        noise_color=args.noise_color, fs=protocol.fs, tmin=protocol.tmin, tmax=protocol.tmax,
-        dt=protocol.dt, solver=protocol.solver, seconds=seconds, n_valid=int(valid.sum()),
-        device=str(jax.devices()[0]), n_devices=len(jax.devices()), jax=jax.__version__,
-    )
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    _plot(out / "erps.png", protocol.times, erp, theta, prior.names)
-    print(f"simulated {args.n} ERPs ({int(valid.sum())} valid) in {seconds:.2f} s on {jax.devices()[0].platform}")
-    print(f"wrote {out / 'erps.npz'}, {out / 'params.csv'}, {out / 'erps.png'}, {out / 'run.json'}")
+    shown = min(ds.n, 16)
+    _plot(png, ds.times, np.asarray(ds.erp[:shown]), np.asarray(ds.theta[:shown]), list(ds.names), ds.n)
+    devices = jax.devices()
+    print(f"simulated {ds.n} ERPs ({ds.n_valid()} valid) in {seconds:.1f} s ({ds.n / seconds:.0f} ERPs/s) on "
+          f"{len(devices)} {devices[0].platform} device(s)" + (f" with Dask ({args.scheduler})" if args.scheduler else ""))
+    print(f"wrote {out} (read it with jr_jax.load_dataset or zarr) and {png}")
     return 0
 
 
-def _plot(path: Path, times, erp, theta, names) -> None:
+def _info(args: argparse.Namespace) -> int:
+    from ._data import DatasetError, load_dataset
+
+    try:
+        ds = load_dataset(args.path, verify=args.verify)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(ds.summary())
+    if args.verify:
+        print("  verify: every finished chunk matches its SHA-256 digest")
+    return 0
+
+
+def _plot(path: Path, times, erp, theta, names, n_total: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +69,7 @@ def _plot(path: Path, times, erp, theta, names) -> None:
     ax.axvspan(0, 50, color="0.9", zorder=0)
     ax.set_xlabel("time from stimulus onset (ms)")
     ax.set_ylabel("ERP, y1 - y2 (mV, baseline-corrected)")
-    ax.set_title(f"{shown} of {len(erp)} simulated ERPs (prior draws); grey: stimulus")
+    ax.set_title(f"{shown} of {n_total} simulated ERPs (prior draws); grey: stimulus")
     if shown <= 8:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -89,11 +81,12 @@ def _plot(path: Path, times, erp, theta, names) -> None:
 def _use_all_cpu_cores() -> None:
     """Expose each CPU core as a JAX host device, so that simulate() shards over all of them.
 
-    Only when JAX is not yet imported and the user has not set the flag; on a GPU machine the
-    accelerators are still the default devices.
+    XLA reads the flag when JAX first initialises its backends, so this works after ``import jax``
+    as long as no computation has run yet (otherwise it has no effect). Skipped when the user has
+    set the flag; on a GPU machine the accelerators stay the default devices.
     """
     flag = "--xla_force_host_platform_device_count"
-    if "jax" in sys.modules or flag in os.environ.get("XLA_FLAGS", ""):
+    if flag in os.environ.get("XLA_FLAGS", ""):
         return
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={os.cpu_count() or 1}".strip()
 
@@ -102,19 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     _use_all_cpu_cores()
     parser = argparse.ArgumentParser(prog="jr-jax", description="Jansen-Rit ERPs in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("simulate", help="simulate ERPs drawn from the prior; write them, their parameters and a plot")
+    s = sub.add_parser("simulate", help="simulate a dataset of clean ERPs drawn from the prior (zarr) and plot a few")
     s.add_argument("--n", type=int, default=16, help="number of ERPs (default 16)")
-    s.add_argument("--out", default="jr_jax_out", help="output folder (default jr_jax_out)")
+    s.add_argument("--out", default="jr_jax_out/erps.zarr", help="dataset path (default jr_jax_out/erps.zarr); "
+                   "the plot goes beside it with the suffix .png")
     s.add_argument("--prior", choices=["uniform", "normal"], default="uniform",
                    help="box-uniform over the study's ranges, or its normal truncated to them")
     s.add_argument("--sigma", type=float, default=0.0, help="intrinsic noise sigma (1/sqrt(s)); 0 = deterministic")
     s.add_argument("--trials", type=int, default=60, help="trials averaged per ERP (default 60)")
-    s.add_argument("--snr", type=float, default=None, help="measurement noise SNR in dB (default: none)")
-    s.add_argument("--noise-color", choices=["white", "pink"], default="white")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--chunk-size", type=int, default=1024)
-    s.add_argument("--force", action="store_true", help="overwrite existing output files")
+    s.add_argument("--chunk-size", type=int, default=1024, help="samples per chunk on disk and per solve")
+    s.add_argument("--scheduler", default=None,
+                   help="Dask: 'local' for a LocalCluster of 2 workers, or a scheduler address (tcp://host:8786)")
+    s.add_argument("--force", action="store_true", help="delete an existing dataset at --out and start again")
     s.set_defaults(func=_simulate)
+    i = sub.add_parser("info", help="describe a dataset")
+    i.add_argument("path")
+    i.add_argument("--verify", action="store_true", help="check every chunk against its SHA-256 digest")
+    i.set_defaults(func=_info)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,30 +1,36 @@
 import numpy as np
 
+import jr_jax
 from jr_jax.cli import main
 
 
-def test_simulate_writes_erps_params_and_plot_and_never_overwrites(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["simulate", "--n", "3", "--out", str(out), "--trials", "2", "--seed", "1"]) == 0
-    data = np.load(out / "erps.npz")
-    assert data["erp"].shape == (3, 1201) and data["theta"].shape == (3, 9) and data["valid"].all()
-    assert list(data["names"])[:2] == ["A_e", "A_i"]
-    lines = (out / "params.csv").read_text().splitlines()
-    assert lines[0].startswith("sample,A_e [mV],A_i [mV]") and len(lines) == 4
-    assert (out / "erps.png").stat().st_size > 10_000
-    before = (out / "erps.npz").read_bytes()
-    assert main(["simulate", "--n", "2", "--out", str(out)]) == 2
-    assert "already exist" in capsys.readouterr().err
-    assert (out / "erps.npz").read_bytes() == before  # untouched
-    assert main(["simulate", "--n", "2", "--out", str(out), "--force"]) == 0
-    assert np.load(out / "erps.npz")["erp"].shape == (2, 1201)
+def test_simulate_writes_a_dataset_and_a_plot_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "run" / "erps.zarr"
+    assert main(["simulate", "--n", "3", "--out", str(out), "--trials", "2", "--seed", "1", "--chunk-size", "2"]) == 0
+    ds = jr_jax.load_dataset(out, verify=True)
+    assert ds.erp.shape == (3, 1201) and ds.theta.shape == (3, 9) and np.asarray(ds.valid[:]).all()
+    assert ds.protocol.n_trials == 2
+    assert (tmp_path / "run" / "erps.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "simulated 3 ERPs (3 valid)" in printed and "ERPs/s" in printed
+
+    before = np.asarray(ds.erp[:]).tobytes()
+    assert main(["simulate", "--n", "5", "--out", str(out), "--trials", "2", "--chunk-size", "2"]) == 2
+    assert "n: stored 3, requested 5" in capsys.readouterr().err
+    assert np.asarray(jr_jax.load_dataset(out).erp[:]).tobytes() == before  # untouched
+    assert main(["simulate", "--n", "5", "--out", str(out), "--trials", "2", "--chunk-size", "2", "--force"]) == 0
+    assert jr_jax.load_dataset(out).erp.shape == (5, 1201)
+
+    assert main(["info", str(out), "--verify"]) == 0
+    assert "5 in 3 chunks of 2; complete" in capsys.readouterr().out
 
 
-def test_simulate_with_noise_and_bad_arguments(tmp_path, capsys):
-    out = tmp_path / "noisy"
-    assert main(["simulate", "--n", "2", "--out", str(out), "--sigma", "6.15", "--trials", "2", "--snr", "10"]) == 0
-    assert np.isfinite(np.load(out / "erps.npz")["erp"]).all()
-    assert main(["simulate", "--n", "0", "--out", str(tmp_path / "x")]) == 2
-    assert main(["simulate", "--sigma", "-1", "--out", str(tmp_path / "y")]) == 2
+def test_bad_arguments_are_reported(tmp_path, capsys):
+    assert main(["simulate", "--n", "0", "--out", str(tmp_path / "x.zarr")]) == 2
+    assert main(["simulate", "--sigma", "-1", "--out", str(tmp_path / "y.zarr")]) == 2
+    assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--n must be >= 1" in err and "sigma must be >= 0" in err
+    assert "n must be an integer >= 1" in err and "sigma must be >= 0" in err and "not a jr_jax dataset" in err
+    (tmp_path / "z.png").write_text("a user's file")
+    assert main(["simulate", "--n", "2", "--out", str(tmp_path / "z.zarr")]) == 2
+    assert (tmp_path / "z.png").read_text() == "a user's file"
