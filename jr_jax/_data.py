@@ -297,18 +297,28 @@ def _write_or_explain(path: Path, c: int, blocks, config: dict, n_done: int) -> 
 
 
 def _run_local(path: Path, config, prior, protocol, todo, report) -> None:
-    # Chunk c+1 is dispatched before chunk c is written: JAX computes asynchronously, so the write
-    # overlaps the next simulation.
+    # A writer thread stores chunk c while this thread simulates chunk c+1 (JAX on the CPU runs a
+    # computation in the calling thread; compression, digests and file writes release the GIL).
+    # At most one chunk waits to be written, so memory stays at about two chunks.
+    from concurrent.futures import ThreadPoolExecutor
+
     n_done = len(_done_chunks(path))
     pending = None
-    for c in [*todo, None]:
-        started = None if c is None else (c, _start_chunk(config, c, prior, protocol))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jr-jax-writer") as writer:
+        for c in todo:
+            params, erp = _start_chunk(config, c, prior, protocol)
+            blocks = _blocks(prior, params, erp)
+            if pending is not None:
+                pending.result()
+                n_done += 1
+            pending = writer.submit(_write_and_report, path, c, blocks, config, n_done, report)
         if pending is not None:
-            c_prev, (params, erp) = pending
-            _write_or_explain(path, c_prev, _blocks(prior, params, erp), config, n_done)
-            n_done += 1
-            report(c_prev)
-        pending = started
+            pending.result()
+
+
+def _write_and_report(path, c, blocks, config, n_done, report) -> None:
+    _write_or_explain(path, c, blocks, config, n_done)
+    report(c)
 
 
 def _run_dask(path: Path, config, todo, report, scheduler, client) -> None:
