@@ -248,6 +248,7 @@ def make_dataset(
     todo = [c for c in range(n_chunks) if c not in done or c in bad]
 
     report = _progress_reporter(progress, n_chunks, n_chunks - len(todo), chunk_size, n)
+    t0 = time.perf_counter()
     try:
         if scheduler is None and client is None:
             _run_local(path, config, prior, protocol, todo, report)
@@ -255,7 +256,13 @@ def make_dataset(
             _run_dask(path, config, todo, report, scheduler, client)
     finally:
         report(None)
-    return Dataset(path)
+    dataset = Dataset(path)
+    dataset.last_run = dict(
+        chunks=len(todo),
+        samples=sum(hi - lo for lo, hi in (_chunk_bounds(c, n, chunk_size) for c in todo)),
+        seconds=time.perf_counter() - t0,
+    )
+    return dataset
 
 
 def _progress_reporter(progress, n_chunks, already, chunk_size, n):
@@ -372,6 +379,8 @@ class Dataset:
         self.prior = Prior.from_dict(config["prior"])
         self.protocol = Protocol.from_dict(config["protocol"])
         self.versions = group.attrs["jr_jax"].get("versions", {})
+        #: set by make_dataset: chunks and samples computed by that call, and its wall time (s)
+        self.last_run: dict | None = None
 
     # --- what it holds -----------------------------------------------------------------------
     @property

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 
@@ -26,18 +25,20 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         prior = Prior(kind=args.prior, base=JRParams(sigma=args.sigma))
         protocol = Protocol(n_trials=args.trials)
-        t0 = time.perf_counter()
         ds = make_dataset(prior, protocol, args.n, out, key=jax.random.key(args.seed), chunk_size=args.chunk_size,
                           overwrite=args.force, scheduler=args.scheduler)
     except (ValueError, FileExistsError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - t0
     shown = min(ds.n, 16)
     _plot(png, ds.times, np.asarray(ds.erp[:shown]), np.asarray(ds.theta[:shown]), list(ds.names), ds.n)
     devices = jax.devices()
-    print(f"simulated {ds.n} ERPs ({ds.n_valid()} valid) in {seconds:.1f} s ({ds.n / seconds:.0f} ERPs/s) on "
-          f"{len(devices)} {devices[0].platform} device(s)" + (f" with Dask ({args.scheduler})" if args.scheduler else ""))
+    run = ds.last_run
+    resumed = f" (resumed: {ds.n - run['samples']} were on disk)" if run["samples"] < ds.n else ""
+    print(f"simulated {run['samples']} ERPs in {run['seconds']:.1f} s ({run['samples'] / max(run['seconds'], 1e-9):.0f} "
+          f"ERPs/s) on {len(devices)} {devices[0].platform} device(s)"
+          + (f" with Dask ({args.scheduler})" if args.scheduler else "") + resumed)
+    print(f"dataset: {ds.n} ERPs, {ds.n_valid()} valid")
     print(f"wrote {out} (read it with jr_jax.load_dataset or zarr) and {png}")
     return 0
 

@@ -12,7 +12,7 @@ def test_simulate_writes_a_dataset_and_a_plot_and_never_overwrites(tmp_path, cap
     assert ds.protocol.n_trials == 2
     assert (tmp_path / "run" / "erps.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
-    assert "simulated 3 ERPs (3 valid)" in printed and "ERPs/s" in printed
+    assert "simulated 3 ERPs in" in printed and "ERPs/s" in printed and "3 ERPs, 3 valid" in printed
 
     before = np.asarray(ds.erp[:]).tobytes()
     assert main(["simulate", "--n", "5", "--out", str(out), "--trials", "2", "--chunk-size", "2"]) == 2
