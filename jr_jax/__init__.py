@@ -9,6 +9,8 @@ from ._data import (
     load_dataset as load_dataset,
     make_dataset as make_dataset,
 )
+from ._estimator import Estimator as Estimator
+from ._metrics import parameter_metrics as parameter_metrics
 from ._model import Stimulus as Stimulus, drift as drift, sigmoid as sigmoid
 from ._params import (
     PARAMETER_INFO as PARAMETER_INFO,
@@ -22,6 +24,7 @@ from ._simulate import (
     add_measurement_noise as add_measurement_noise,
     simulate as simulate,
 )
+from ._train import TrainingData as TrainingData, train as train
 from ._solve import DEFAULT_DT as DEFAULT_DT, DEFAULT_SOLVER as DEFAULT_SOLVER, solve as solve
 
 try:

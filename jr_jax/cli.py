@@ -14,6 +14,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ._data import DatasetError, make_dataset
+    from ._model import Stimulus
     from ._params import JRParams, Prior
     from ._simulate import Protocol
 
@@ -23,8 +24,8 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"error: {png} already exists; pass --force to overwrite, or choose --out", file=sys.stderr)
         return 2
     try:
-        prior = Prior(kind=args.prior, base=JRParams(sigma=args.sigma))
-        protocol = Protocol(n_trials=args.trials)
+        prior = Prior(kind="uniform" if args.prior == "uniform" else "normal", base=JRParams(sigma=args.sigma))
+        protocol = Protocol(n_trials=args.trials, stimulus=Stimulus.study() if args.stimulus == "study" else Stimulus())
         ds = make_dataset(prior, protocol, args.n, out, key=jax.random.key(args.seed), chunk_size=args.chunk_size,
                           overwrite=args.force, scheduler=args.scheduler)
     except (ValueError, FileExistsError, DatasetError) as e:
@@ -100,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n", type=int, default=16, help="number of ERPs (default 16)")
     s.add_argument("--out", default="jr_jax_out/erps.zarr", help="dataset path (default jr_jax_out/erps.zarr); "
                    "the plot goes beside it with the suffix .png")
-    s.add_argument("--prior", choices=["uniform", "normal"], default="uniform",
-                   help="box-uniform over the study's ranges, or its normal truncated to them")
+    s.add_argument("--prior", choices=["uniform", "study", "normal"], default="uniform",
+                   help="box-uniform over the study's ranges, or the study's normal truncated to them "
+                        "('study' and 'normal' are the same)")
+    s.add_argument("--stimulus", choices=["default", "study"], default="default",
+                   help="default: 60/s for 50 ms into p(t); study: the reference study's injection pattern")
     s.add_argument("--sigma", type=float, default=0.0, help="intrinsic noise sigma (1/sqrt(s)); 0 = deterministic")
     s.add_argument("--trials", type=int, default=60, help="trials averaged per ERP (default 60)")
     s.add_argument("--seed", type=int, default=0)

@@ -6,16 +6,18 @@ from jr_jax.cli import main
 
 def test_simulate_writes_a_dataset_and_a_plot_and_never_overwrites(tmp_path, capsys):
     out = tmp_path / "run" / "erps.zarr"
-    assert main(["simulate", "--n", "3", "--out", str(out), "--trials", "2", "--seed", "1", "--chunk-size", "2"]) == 0
+    assert main(["simulate", "--n", "3", "--out", str(out), "--trials", "2", "--seed", "1", "--chunk-size", "2",
+                 "--prior", "study", "--stimulus", "study"]) == 0
     ds = jr_jax.load_dataset(out, verify=True)
     assert ds.erp.shape == (3, 1201) and ds.theta.shape == (3, 9) and np.asarray(ds.valid[:]).all()
-    assert ds.protocol.n_trials == 2
+    assert ds.protocol.n_trials == 2 and ds.prior.kind == "normal" and ds.protocol.stimulus == jr_jax.Stimulus.study()
     assert (tmp_path / "run" / "erps.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "simulated 3 ERPs in" in printed and "ERPs/s" in printed and "3 ERPs, 3 valid" in printed
 
     before = np.asarray(ds.erp[:]).tobytes()
-    assert main(["simulate", "--n", "5", "--out", str(out), "--trials", "2", "--chunk-size", "2"]) == 2
+    assert main(["simulate", "--n", "5", "--out", str(out), "--trials", "2", "--chunk-size", "2", "--prior", "study",
+                 "--stimulus", "study"]) == 2
     assert "n: stored 3, requested 5" in capsys.readouterr().err
     assert np.asarray(jr_jax.load_dataset(out).erp[:]).tobytes() == before  # untouched
     assert main(["simulate", "--n", "5", "--out", str(out), "--trials", "2", "--chunk-size", "2", "--force"]) == 0

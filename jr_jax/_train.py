@@ -1,0 +1,332 @@
+"""Training an encoder with Optax: fresh measurement noise per epoch, early stopping, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._data import Dataset
+from ._estimator import Estimator, scale_input
+from ._nn import BiLSTM
+from ._params import Prior
+from ._simulate import Protocol, measurement_noise, simulate
+
+
+@dataclass
+class TrainingData:
+    """Training batches, a validation set in memory, and what the estimator must know.
+
+    Build it with :meth:`from_dataset`, :meth:`from_arrays` or :meth:`on_the_fly`. ERPs are clean
+    (mV); measurement noise is added by :func:`train`. ``x_mean``/``x_std`` (per channel) are
+    statistics of the training split only (mean, and the median RMS as scale).
+    """
+
+    batches: Callable[[int, int, int], Iterator[tuple[np.ndarray, np.ndarray]]]  # (epoch, batch_size, seed)
+    theta_val: np.ndarray
+    erp_val: np.ndarray
+    names: tuple[str, ...]
+    units: tuple[str, ...]
+    lows: np.ndarray
+    highs: np.ndarray
+    fs: float
+    tmin: float
+    tmax: float
+    n_trials: int
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    rms_range_mv: tuple[float, float]
+    n_train: int | None  # None: unlimited (simulated on the fly)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_times(self) -> int:
+        return self.erp_val.shape[1]
+
+    @property
+    def n_channels(self) -> int:
+        return self.erp_val.shape[2]
+
+    @staticmethod
+    def _stats(erp: np.ndarray):
+        erp = _with_channels(erp)
+        rms = np.sqrt((erp**2).mean(axis=1))  # (N, C)
+        scale = np.median(rms, axis=0) + 1e-8
+        total = np.sqrt((erp**2).mean(axis=(1, 2)))
+        return erp.mean(axis=(0, 1)), scale, (float(np.percentile(total, 0.1)), float(total.max()))
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, *, stats_samples: int = 4096) -> "TrainingData":
+        """The dataset's stored split: training batches streamed from disk, validation in memory."""
+        split = ds.split()
+        if len(split.train) < 2 or len(split.val) < 2:
+            raise ValueError(f"{ds.path}: too few valid samples for training ({len(split.train)} train, {len(split.val)} val)")
+        val_theta = np.asarray(ds.theta.get_orthogonal_selection((split.val, slice(None))))
+        val_erp = _with_channels(np.asarray(ds.erp.get_orthogonal_selection((split.val,) + (slice(None),) * (ds.erp.ndim - 1))))
+        sample = np.sort(np.random.default_rng(0).permutation(split.train)[:stats_samples])
+        stats_erp = np.asarray(ds.erp.get_orthogonal_selection((sample,) + (slice(None),) * (ds.erp.ndim - 1)))
+        mean, std, rms = cls._stats(stats_erp)
+        p = ds.protocol
+
+        def batches(epoch, batch_size, seed):
+            for theta, erp in ds.batches(split.train, batch_size, seed=seed * 100_003 + epoch, drop_last=True):
+                yield theta, _with_channels(erp)
+
+        return cls(batches, val_theta, val_erp, ds.names, ds.units, ds.prior.lows, ds.prior.highs, p.fs, p.tmin,
+                   p.tmax, p.n_trials, mean, std, rms, len(split.train),
+                   info=dict(source=str(ds.path), n_train=len(split.train), n_val=len(split.val),
+                             n_invalid=split.n_invalid))
+
+    @classmethod
+    def from_arrays(cls, theta, erp, *, names, lows, highs, fs, tmin=0.0, units=None, n_trials=1,
+                    val_fraction=0.1, seed=0) -> "TrainingData":
+        """In-memory samples ``theta (N, n_params)``, ``erp (N, n_times[, n_channels])``, split by ``seed``."""
+        theta, erp = np.asarray(theta, np.float32), _with_channels(np.asarray(erp, np.float32))
+        if theta.ndim != 2 or len(theta) != len(erp):
+            raise ValueError(f"theta must be (N, n_params) matching erp's N; got {theta.shape} and {erp.shape}")
+        ok = np.isfinite(erp).reshape(len(erp), -1).all(axis=1)
+        theta, erp = theta[ok], erp[ok]
+        perm = np.random.default_rng(seed).permutation(len(theta))
+        n_val = max(2, int(round(val_fraction * len(theta))))
+        val, tr = perm[:n_val], perm[n_val:]
+        mean, std, rms = cls._stats(erp[tr])
+
+        def batches(epoch, batch_size, s):
+            order = tr[np.random.default_rng(s * 100_003 + epoch).permutation(len(tr))]
+            for b in range(0, len(order) - batch_size + 1, batch_size):
+                idx = order[b:b + batch_size]
+                yield theta[idx], erp[idx]
+
+        n_times = erp.shape[1]
+        return cls(batches, theta[val], erp[val], tuple(names), tuple(units or ("",) * len(names)),
+                   np.asarray(lows, float), np.asarray(highs, float), float(fs), float(tmin),
+                   float(tmin + (n_times - 1) / fs), int(n_trials), mean, std, rms, len(tr),
+                   info=dict(source="arrays", n_train=len(tr), n_val=len(val), n_invalid=int((~ok).sum())))
+
+    @classmethod
+    def on_the_fly(cls, prior: Prior, protocol: Protocol, *, key, n_val: int = 512,
+                   batches_per_epoch: int = 100) -> "TrainingData":
+        """Every training batch freshly simulated from ``prior`` (nothing stored); a fixed validation set."""
+        if protocol.snr_db is not None:
+            raise ValueError("pass a protocol with snr_db=None: train() adds the measurement noise")
+        k_val, k_train = jax.random.split(key)
+
+        def draw(k, n, first):
+            params = prior.sample(jax.random.fold_in(k, 0), n, first_index=first)
+            erp = np.asarray(simulate(params, protocol, key=jax.random.fold_in(k, 1), chunk_size=n, first_index=first))
+            theta = np.asarray(prior.to_array(params), np.float32)
+            ok = np.isfinite(erp).reshape(n, -1).all(axis=1)
+            return theta[ok], _with_channels(erp[ok])
+
+        theta_val, erp_val = draw(k_val, n_val, 0)
+        mean, std, rms = cls._stats(draw(jax.random.fold_in(k_train, 2**30), min(4096, 8 * n_val), 0)[1])
+
+        def batches(epoch, batch_size, seed):
+            k = jax.random.fold_in(jax.random.fold_in(k_train, seed), epoch)
+            for b in range(batches_per_epoch):
+                theta, erp = draw(k, batch_size, b * batch_size)
+                if len(theta) == batch_size:
+                    yield theta, erp
+
+        return cls(batches, theta_val, erp_val, prior.names, prior.units, prior.lows, prior.highs, protocol.fs,
+                   protocol.tmin, protocol.tmax, protocol.n_trials, mean, std, rms, None,
+                   info=dict(source="simulated on the fly", batches_per_epoch=batches_per_epoch, n_val=len(theta_val)))
+
+
+def _with_channels(erp: np.ndarray) -> np.ndarray:
+    return erp[..., None] if erp.ndim == 2 else erp
+
+
+def _snr_spec(snr_db):
+    """None (clean), a number, or a (low, high) range in dB drawn uniformly per sample."""
+    if snr_db is None:
+        return None
+    if isinstance(snr_db, (int, float)):
+        if not math.isfinite(snr_db):
+            raise ValueError(f"snr_db must be finite, a (low, high) range or None; got {snr_db!r}")
+        return (float(snr_db), float(snr_db))
+    lo, hi = (float(v) for v in snr_db)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"snr_db range must be finite with low <= high, got {snr_db!r}")
+    return (lo, hi)
+
+
+def add_noise_batch(erp, key, snr, color="white"):
+    """Measurement noise per sample at SNRs drawn uniformly in ``snr = (low, high)`` dB (or clean)."""
+    if snr is None:
+        return erp
+    k_snr, k_noise = jax.random.split(key)
+    n = erp.shape[0]
+    db = jax.random.uniform(k_snr, (n,), minval=snr[0], maxval=snr[1])
+    power = jnp.mean(erp**2, axis=(1, 2))
+    std = jnp.sqrt(power / 10.0 ** (db / 10.0))
+    noise = jax.vmap(lambda k: measurement_noise(k, erp.shape[1:], color, erp.dtype))(jax.random.split(k_noise, n))
+    return erp + std[:, None, None] * noise
+
+
+def _loss(model, x_mean, x_std, erp, y, key, snr, color, dropout_key):
+    x = scale_input(add_noise_batch(erp, key, snr, color), x_mean, x_std)
+    keys = jax.random.split(dropout_key, x.shape[0])
+    pred = jax.vmap(lambda xi, k: model(xi, key=k))(x, keys)
+    return jnp.mean((pred - y) ** 2)
+
+
+def train(
+    data: TrainingData | Dataset,
+    *,
+    snr_db=None,
+    noise_color: str = "white",
+    encoder: dict | None = None,
+    epochs: int = 150,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    schedule: str | None = None,
+    clip_norm: float = 1.0,
+    patience: int = 50,
+    min_delta: float = 0.0,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[Estimator, list[dict]]:
+    """Train an encoder (default: the study's Bi-LSTM) to predict the parameters from an ERP.
+
+    - ``data``: a :class:`TrainingData` or a :class:`Dataset` (its stored split is used).
+    - ``snr_db``: measurement noise added to every training batch, fresh each epoch: ``None``
+      (clean), a number, or a ``(low, high)`` range drawn per sample (noise-robust training).
+      The validation set gets noise drawn once, at the same SNRs.
+    - ``encoder``: options of :class:`jr_jax._nn.BiLSTM` (``hidden``, ``layers``, ``dropout``,
+      ``conv_channels``, ``conv_kernel``, ``conv_stride``).
+    - Adam (``learning_rate``; ``schedule="cosine"`` decays it to 0 over ``epochs``) after global
+      gradient clipping at ``clip_norm``; MSE on targets scaled to [0, 1] by the prior bounds;
+      inputs standardised with training-split statistics.
+    - Early stopping: stops when the validation loss has not improved by ``min_delta`` for
+      ``patience`` epochs; the best weights are returned.
+    - ``checkpoint_dir``: state saved after every epoch; calling again with the same arguments
+      resumes where the last run stopped.
+
+    Returns the :class:`Estimator` and the history (one dict per epoch).
+    """
+    if isinstance(data, Dataset):
+        data = TrainingData.from_dataset(data)
+    snr = _snr_spec(snr_db)
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if noise_color not in ("white", "pink"):
+        raise ValueError(f"noise_color must be 'white' or 'pink', got {noise_color!r}")
+    if schedule not in (None, "cosine"):
+        raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
+    if data.n_train is not None and data.n_train < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {data.n_train} training samples")
+    options = dict(encoder or {})
+    key = jax.random.key(seed)
+    k_model, k_val, k_train = jax.random.split(key, 3)
+    model = BiLSTM(data.n_channels, len(data.names), **options, key=k_model)
+
+    lows, highs = np.asarray(data.lows, np.float32), np.asarray(data.highs, np.float32)
+    x_mean, x_std = jnp.asarray(data.x_mean, jnp.float32), jnp.asarray(data.x_std, jnp.float32)
+    y_val = jnp.asarray((data.theta_val - lows) / (highs - lows))
+    erp_val = jnp.asarray(data.erp_val)
+    x_val = add_noise_batch(erp_val, k_val, snr, noise_color)
+
+    lr = learning_rate
+    if schedule == "cosine":
+        steps = epochs * (data.n_train // batch_size if data.n_train else 100)
+        lr = optax.cosine_decay_schedule(learning_rate, max(steps, 1))
+    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(lr))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, erp, y, key):
+        k_noise, k_drop = jax.random.split(key)
+        loss, grads = eqx.filter_value_and_grad(_loss)(model, x_mean, x_std, erp, y, k_noise, snr, noise_color, k_drop)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    @eqx.filter_jit
+    def val_loss(model, x, y):
+        pred = jax.vmap(lambda xi: model(scale_input(xi, x_mean, x_std), inference=True))(x)
+        return jnp.mean((pred - y) ** 2)
+
+    fingerprint = json.dumps(dict(snr=snr, noise_color=noise_color, encoder=model.config, epochs=epochs,
+                                  batch_size=batch_size, lr=learning_rate, schedule=schedule, clip=clip_norm,
+                                  patience=patience, min_delta=min_delta, seed=seed, names=list(data.names),
+                                  n_train=data.n_train, info=data.info), sort_keys=True)
+    state = dict(epoch=0, best=math.inf, bad=0, history=[])
+    best_model = model
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved["fingerprint"] != fingerprint:
+            raise ValueError(f"{ckpt} holds a checkpoint of a different training run; use another checkpoint_dir")
+        model, opt_state, best_model = eqx.tree_deserialise_leaves(ckpt / "checkpoint.eqx", (model, opt_state, model))
+        state = saved["state"]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, initial=state["epoch"], unit="epoch", desc="training", dynamic_ncols=True)
+    try:
+        while state["epoch"] < epochs and state["bad"] < patience:
+            epoch = state["epoch"]
+            t0 = time.perf_counter()
+            total, count = 0.0, 0
+            k_epoch = jax.random.fold_in(k_train, epoch)
+            for b, (theta, erp) in enumerate(data.batches(epoch, batch_size, seed)):
+                y = (theta - lows) / (highs - lows)
+                model, opt_state, loss = step(model, opt_state, jnp.asarray(erp), jnp.asarray(y),
+                                              jax.random.fold_in(k_epoch, b))
+                total, count = total + float(loss), count + 1
+            if count == 0:
+                raise ValueError("no training batch: fewer training samples than batch_size")
+            v = float(val_loss(model, x_val, y_val))
+            if v < state["best"] - min_delta:
+                state["best"], state["bad"], best_model = v, 0, model
+            else:
+                state["bad"] += 1
+            state["epoch"] = epoch + 1
+            state["history"].append(dict(epoch=epoch + 1, train_loss=total / count, val_loss=v,
+                                         seconds=time.perf_counter() - t0, samples=count * batch_size))
+            if ckpt is not None:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                tmp = ckpt / ".checkpoint.eqx.tmp"
+                eqx.tree_serialise_leaves(tmp, (model, opt_state, best_model))
+                os.replace(tmp, ckpt / "checkpoint.eqx")
+                tmp = ckpt / ".state.json.tmp"
+                tmp.write_text(json.dumps(dict(fingerprint=fingerprint, state=state)))
+                os.replace(tmp, ckpt / "state.json")
+            if bar is not None:
+                bar.set_postfix(train=f"{total / count:.4f}", val=f"{v:.4f}", best=f"{state['best']:.4f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    import diffrax
+
+    from . import __version__
+
+    manifest = dict(
+        encoder=best_model.config,
+        names=list(data.names), units=list(data.units), lows=lows.tolist(), highs=highs.tolist(),
+        fs=data.fs, tmin=data.tmin, tmax=data.tmax, n_times=data.n_times, n_channels=data.n_channels,
+        n_trials=data.n_trials, snr_db=None if snr is None else list(snr), noise_color=noise_color,
+        rms_range_mv=list(data.rms_range_mv), data=data.info,
+        training=dict(epochs=state["epoch"], best_val_loss=state["best"], batch_size=batch_size,
+                      learning_rate=learning_rate, schedule=schedule, clip_norm=clip_norm, patience=patience,
+                      min_delta=min_delta, seed=seed),
+        versions=dict(jr_jax=__version__, jax=jax.__version__, equinox=eqx.__version__, optax=optax.__version__,
+                      diffrax=diffrax.__version__),
+    )
+    return Estimator(best_model, x_mean, x_std, manifest), state["history"]
