@@ -10,6 +10,7 @@ from ._data import (
     make_dataset as make_dataset,
 )
 from ._estimator import Estimator as Estimator
+from ._evaluate import evaluate as evaluate
 from ._metrics import parameter_metrics as parameter_metrics
 from ._model import Stimulus as Stimulus, drift as drift, sigmoid as sigmoid
 from ._params import (

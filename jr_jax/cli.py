@@ -58,6 +58,96 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_snr(text: str | None):
+    """'20' -> 20.0; '0:30' -> (0.0, 30.0); None / 'inf' / 'clean' -> None."""
+    if text is None or text.lower() in ("inf", "clean", "none"):
+        return None
+    if ":" in text:
+        lo, hi = text.split(":")
+        return (float(lo), float(hi))
+    return float(text)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ._data import DatasetError, load_dataset
+    from ._train import train
+
+    out = Path(args.out)
+    if (out / "manifest.json").exists() and not args.force:
+        print(f"error: {out} already holds an estimator; pass --force to replace it", file=sys.stderr)
+        return 2
+    try:
+        ds = load_dataset(args.data)
+        encoder = dict(hidden=args.hidden, layers=args.layers, dropout=args.dropout, conv_channels=args.conv_channels,
+                       conv_kernel=args.conv_kernel, conv_stride=args.conv_stride)
+        est, history = train(ds, snr_db=_parse_snr(args.snr), encoder=encoder, epochs=args.epochs,
+                             batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
+                             schedule=args.schedule, seed=args.seed, checkpoint_dir=out / "checkpoint")
+    except (ValueError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    est.save(out, overwrite=True)
+    last = history[-1]
+    print(f"trained {last['epoch']} epochs; best validation loss {est.manifest['training']['best_val_loss']:.4f} "
+          f"(targets scaled to [0, 1]); {last['samples'] / last['seconds']:.0f} samples/s in the last epoch")
+    print(f"wrote {out} (load it with jr_jax.Estimator.load)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ._data import DatasetError, load_dataset
+    from ._estimator import Estimator
+    from ._evaluate import evaluate, format_table
+
+    try:
+        est, ds = Estimator.load(args.model), load_dataset(args.data)
+        rows = evaluate(est, ds, [_parse_snr(t) for t in args.snr], seed=args.seed, baselines=not args.no_baselines)
+    except (ValueError, FileNotFoundError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for metric in args.metrics:
+        print(format_table(rows, metric))
+        print()
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            print(f"error: {out} exists; pass --force to overwrite", file=sys.stderr)
+            return 2
+        import csv
+
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {out}")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ._estimator import Estimator
+
+    try:
+        est = Estimator.load(args.model)
+        path = Path(args.erp)
+        if path.suffix == ".npy":
+            erp = np.load(path)
+        elif path.suffix == ".csv":
+            erp = np.loadtxt(path, delimiter=",", ndmin=2)
+            erp = erp[0] if erp.shape[0] == 1 else erp
+        else:
+            raise ValueError(f"ERP file must be .npy or .csv (one ERP per row, in mV), got {path.name}")
+        theta = np.atleast_2d(est.predict_array(erp, fs=args.fs))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("erp  " + " ".join(f"{f'{n} [{u}]':>14s}" for n, u in zip(est.names, est.units)))
+    for i, row in enumerate(theta):
+        print(f"{i:<4d} " + " ".join(f"{v:14.4g}" for v in row))
+    return 0
+
+
 def _plot(path: Path, times, erp, theta, names, n_total: int) -> None:
     import matplotlib
 
@@ -114,6 +204,40 @@ def main(argv: list[str] | None = None) -> int:
                    help="Dask: 'local' for a LocalCluster of 2 workers, or a scheduler address (tcp://host:8786)")
     s.add_argument("--force", action="store_true", help="delete an existing dataset at --out and start again")
     s.set_defaults(func=_simulate)
+    t = sub.add_parser("train", help="train the Bi-LSTM on a dataset; write an estimator folder")
+    t.add_argument("data", help="dataset made by jr-jax simulate")
+    t.add_argument("--out", default="jr_jax_out/model", help="estimator folder (default jr_jax_out/model)")
+    t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean)")
+    t.add_argument("--epochs", type=int, default=150)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--schedule", choices=["cosine"], default=None)
+    t.add_argument("--patience", type=int, default=50)
+    t.add_argument("--hidden", type=int, default=64, help="LSTM units per direction (study: 64)")
+    t.add_argument("--layers", type=int, default=1)
+    t.add_argument("--dropout", type=float, default=0.1)
+    t.add_argument("--conv-channels", type=int, default=0, help="strided Conv1d front-end channels (0: none)")
+    t.add_argument("--conv-kernel", type=int, default=8)
+    t.add_argument("--conv-stride", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace an existing estimator at --out")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("evaluate", help="accuracy per parameter and test SNR, with baselines")
+    e.add_argument("model")
+    e.add_argument("data")
+    e.add_argument("--snr", nargs="+", default=["inf", "30", "20", "10", "0"], help="test SNRs in dB (inf: clean)")
+    e.add_argument("--metrics", nargs="+", default=["r2", "pearson"],
+                   choices=["r2", "pearson", "spearman", "nrmse", "bias"])
+    e.add_argument("--out", default=None, help="write all rows to this CSV")
+    e.add_argument("--no-baselines", action="store_true")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(func=_evaluate)
+    f = sub.add_parser("infer", help="estimate the parameters of ERPs in a .npy or .csv file (mV, one per row)")
+    f.add_argument("model")
+    f.add_argument("erp")
+    f.add_argument("--fs", type=float, required=True, help="sampling rate of the ERP (Hz); must match the model's")
+    f.set_defaults(func=_infer)
     i = sub.add_parser("info", help="describe a dataset")
     i.add_argument("path")
     i.add_argument("--verify", action="store_true", help="check every chunk against its SHA-256 digest")

@@ -36,3 +36,33 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     (tmp_path / "z.png").write_text("a user's file")
     assert main(["simulate", "--n", "2", "--out", str(tmp_path / "z.zarr")]) == 2
     assert (tmp_path / "z.png").read_text() == "a user's file"
+
+
+def test_train_evaluate_infer(tmp_path, capsys):
+    data = tmp_path / "d.zarr"
+    assert main(["simulate", "--n", "96", "--out", str(data), "--trials", "1", "--stimulus", "study",
+                 "--chunk-size", "48"]) == 0
+    model = tmp_path / "model"
+    assert main(["train", str(data), "--out", str(model), "--snr", "10:30", "--epochs", "2", "--batch-size", "16",
+                 "--hidden", "8", "--conv-channels", "4", "--conv-stride", "8"]) == 0
+    assert "trained 2 epochs" in capsys.readouterr().out
+    est = jr_jax.Estimator.load(model)
+    assert est.manifest["snr_db"] == [10.0, 30.0]
+    assert main(["train", str(data), "--out", str(model), "--epochs", "1"]) == 2  # no silent overwrite
+
+    csv_out = tmp_path / "eval.csv"
+    assert main(["evaluate", str(model), str(data), "--snr", "inf", "10", "--out", str(csv_out)]) == 0
+    printed = capsys.readouterr().out
+    assert "r2 per parameter" in printed and "ridge" in printed and "prior mean" in printed
+    lines = csv_out.read_text().splitlines()
+    assert lines[0].startswith("method,snr_db,n_test,parameter,r2") and len(lines) == 1 + 2 * 3 * 9
+
+    erp = np.asarray(jr_jax.load_dataset(data).erp[:2])
+    np.save(tmp_path / "erp.npy", erp)
+    np.savetxt(tmp_path / "erp.csv", erp, delimiter=",")
+    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "1000"]) == 0
+    out_npy = capsys.readouterr().out
+    assert main(["infer", str(model), str(tmp_path / "erp.csv"), "--fs", "1000"]) == 0
+    assert "A_i [mV]" in out_npy and capsys.readouterr().out == out_npy
+    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "500"]) == 2
+    assert "fs=500.0 Hz" in capsys.readouterr().err
