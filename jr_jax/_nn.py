@@ -21,7 +21,7 @@ class _BiLSTMLayer(eqx.Module):
 
     The input projections of all time steps are computed in one matrix product before the scan,
     and both directions advance together, so the sequential part is one small matmul per step.
-    Gates in the order (input, forget, cell, output), as ``torch.nn.LSTM``.
+    Gates in the order (input, forget, output, cell), so that the three sigmoids are one operation.
     """
 
     w_in: Float[Array, "2 4h d"]
@@ -47,9 +47,9 @@ class _BiLSTMLayer(eqx.Module):
         def step(carry, p):
             hs, cs = carry  # (2, h) each
             z = p + jnp.einsum("gkh,gh->gk", self.w_rec, hs)
-            i, f, g, o = jax.nn.sigmoid(z[:, :h]), jax.nn.sigmoid(z[:, h:2 * h]), jnp.tanh(z[:, 2 * h:3 * h]), \
-                jax.nn.sigmoid(z[:, 3 * h:])
-            cs = f * cs + i * g
+            gates = jax.nn.sigmoid(z[:, : 3 * h])
+            i, f, o = gates[:, :h], gates[:, h:2 * h], gates[:, 2 * h:]
+            cs = f * cs + i * jnp.tanh(z[:, 3 * h:])
             hs = o * jnp.tanh(cs)
             return (hs, cs), hs
 
