@@ -99,11 +99,56 @@ def dataset_table() -> str:
     ])
 
 
+def train_table() -> str:
+    d = json.loads((RESULTS / "train.json").read_text())
+    return "\n".join([
+        "| training samples/s | |",
+        "| --- | --- |",
+        f"| jr_jax Equinox Bi-LSTM (JAX {d['jax']}) | {d['jax_samples_per_s']:.1f} |",
+        f"| torch.nn.LSTM, bidirectional, 2 threads (torch {d['torch']}) | {d['torch_samples_per_s']:.1f} |",
+        f"| ratio (target ≥ {d['target']}) | {d['ratio']:.2f} ({'met' if d['met'] else 'not met'}) |",
+        f"| jr_jax with a stride-4 Conv1d front-end | {d['conv_frontend_samples_per_s']:.1f} |",
+    ])
+
+
+def recovery_table() -> str:
+    path = RESULTS / "recovery" / "recovery.json"
+    if not path.is_file():
+        return "(not run yet: `python benchmarks/recovery.py`)"
+    d = json.loads(path.read_text())
+    rows = d["rows"]
+    names = list(dict.fromkeys(r["parameter"] for r in rows))
+    out = [f"{d['split']['train']} training, {d['split']['val']} validation, {d['split']['test']} test ERPs; "
+           f"encoder {d['encoder']}; {d['epochs']} epochs in {d['train_s'] / 60:.1f} min.", "",
+           "| Pearson r | SNR | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
+
+    def table_rows(metric, methods):
+        lines = []
+        for method in methods:
+            for snr in dict.fromkeys(r["snr_db"] for r in rows):
+                vals = {r["parameter"]: r[metric] for r in rows if r["method"] == method and r["snr_db"] == snr}
+                lines.append(f"| {method} | {'clean' if snr is None else f'{snr:g} dB'} | "
+                             + " | ".join(f"{vals[n]:.2f}" for n in names) + " |")
+        return lines
+
+    out += table_rows("pearson", ["jr_jax Bi-LSTM", "ridge"])
+    study = d["study_best_pearson"]
+    out.append("| study's best (transformer, ~50 dB) | | " + " | ".join(f"{study[n]:.2f}" for n in names) + " |")
+    out += ["", "| R² | SNR | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    out += [r for r in table_rows("r2", ["jr_jax Bi-LSTM", "ridge", "prior mean"]) if "dB" in r or "clean" in r]
+    beats = d["beats_study_at_30db"]
+    out += ["", "At 30 dB jr_jax reaches the study's best on " + f"{sum(beats.values())} of {len(beats)} parameters"
+            + ("" if all(beats.values()) else " (not on: " + ", ".join(p for p, b in beats.items() if not b) + ")")
+            + ". R² per parameter, NRMSE, Spearman ρ and bias for every method and SNR are in "
+            "`benchmarks/results/recovery/recovery.csv`; figures: `scatter_30db.png`, `pearson_vs_snr.png`."]
+    return "\n".join(out)
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
     tables = (("convergence-table", convergence_table), ("performance-table", performance_table),
-              ("dataset-table", dataset_table))
+              ("dataset-table", dataset_table), ("train-table", train_table), ("recovery-table", recovery_table))
     for name, fill in tables:
         pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
         if not pattern.search(text):

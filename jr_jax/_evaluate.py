@@ -87,3 +87,63 @@ def format_table(rows: list[dict], metric: str = "r2") -> str:
         snr_text = "clean" if snr is None else f"{snr:g}"
         lines.append(f"{method:18s} {snr_text:>7s} " + " ".join(f"{value[(method, snr, n)]:7.3f}" for n in names))
     return "\n".join(lines)
+
+
+def plot_scatter(true, pred, names, units, path, *, title: str = "") -> None:
+    """True against predicted values, one panel per parameter, with R² and Pearson r; saves a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._metrics import parameter_metrics
+
+    true, pred = np.asarray(true), np.asarray(pred)
+    m = parameter_metrics(true, pred, true.min(0), true.max(0) + 1e-12)
+    cols = 3
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), dpi=110, squeeze=False)
+    for j, name in enumerate(names):
+        ax = axes[j // cols, j % cols]
+        ax.scatter(true[:, j], pred[:, j], s=4, alpha=0.5)
+        lo, hi = true[:, j].min(), true[:, j].max()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(f"{name}: R²={m['r2'][j]:.2f}, r={m['pearson'][j]:.2f}", fontsize=9)
+        ax.set_xlabel(f"true [{units[j]}]", fontsize=8)
+        ax.set_ylabel("predicted", fontsize=8)
+    for j in range(len(names), rows * cols):
+        axes[j // cols, j % cols].axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_metric_vs_snr(rows: list[dict], path, *, metric: str = "pearson", reference: dict | None = None) -> None:
+    """``metric`` against test SNR per parameter for each method; ``reference`` values drawn as marks at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["parameter"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)  # skip methods with no finite value
+               if any(np.isfinite(r[metric]) for r in rows if r["method"] == m)]
+    snrs = sorted({r["snr_db"] for r in rows if r["snr_db"] is not None})
+    clean_x = (max(snrs) + 10) if snrs else 0
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.8), dpi=110, squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        for name in names:
+            pts = sorted(((clean_x if r["snr_db"] is None else r["snr_db"]), r[metric]) for r in rows
+                         if r["method"] == method and r["parameter"] == name)
+            line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            if reference and name in reference and method == methods[0]:
+                ax.plot([clean_x + 4], [reference[name]], marker="*", ms=8, color=line.get_color())
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("test SNR (dB); rightmost: clean" + (", ★ study" if reference else ""), fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(metric)
+    axes[0, -1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
