@@ -170,3 +170,18 @@ def test_training_from_a_dataset_on_disk(tmp_path):
     out = est.predict(np.asarray(ds.erp[:3]), fs=1000.0)
     assert set(out) == set(jr_jax.STUDY_PARAMETERS) and out["A_i"].shape == (3,)
     assert np.all((out["A_i"] > 0) & np.isfinite(out["A_i"]))
+
+
+def test_multichannel_input():
+    """Three sensors with different gains: training and prediction take (N, n_times, 3)."""
+    theta, erp = _oscillators(200)
+    gains = np.array([1.0, -0.5, 2.0])
+    erp3 = erp[:, :, None] * gains
+    data = TrainingData.from_arrays(theta, erp3, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
+    assert data.n_channels == 3 and data.x_std.shape == (3,)
+    est, _ = train(data, encoder=dict(hidden=8), epochs=2, progress=False)
+    assert est.n_channels == 3 and est.encoder.config["n_channels"] == 3
+    assert est.predict_array(erp3[:4]).shape == (4, 2)
+    assert est.predict_array(erp3[0]).shape == (2,)
+    with pytest.raises(ValueError, match=r"\(N, n_times, 3\)"):
+        est.predict(erp[:4])
