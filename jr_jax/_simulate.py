@@ -19,6 +19,7 @@ from ._solve import (
     DEFAULT_SOLVER,
     as_typed_key,
     brownian_increments,
+    check_differentiation,
     check_solver,
     integrate,
     per_sample_keys,
@@ -200,7 +201,8 @@ def _noisy(erp, snr_db, key, color):
     return erp + std * measurement_noise(key, erp.shape, color, erp.dtype)
 
 
-def _erp_batch(protocol: Protocol, stochastic: bool, params: JRParams, keys: PRNGKeyArray | None) -> Array:
+def _erp_batch(protocol: Protocol, stochastic: bool, differentiation: str, params: JRParams,
+               keys: PRNGKeyArray | None) -> Array:
     """ERPs ``(n, *output_shape)`` for a batch of ``n`` parameter sets (one chunk).
 
     ``stochastic``: whether the dynamics have intrinsic noise (else one noise-free trial).
@@ -210,7 +212,7 @@ def _erp_batch(protocol: Protocol, stochastic: bool, params: JRParams, keys: PRN
     if stochastic:
         dynamics_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
         segment_keys = lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(dynamics_keys)  # noqa: E731
-    solver = dict(dt=protocol.dt, solver=protocol.solver)
+    solver = dict(dt=protocol.dt, solver=protocol.solver, differentiation=differentiation)
 
     y = jnp.zeros((6, n), dtype)
     n_burn = int(round(protocol.burn_in / protocol.dt))
@@ -248,7 +250,7 @@ def _erp_batch(protocol: Protocol, stochastic: bool, params: JRParams, keys: PRN
     return erp
 
 
-_erp_batch_jit = jax.jit(_erp_batch, static_argnums=(0, 1))
+_erp_batch_jit = jax.jit(_erp_batch, static_argnums=(0, 1, 2))
 
 
 def simulate(
@@ -258,6 +260,7 @@ def simulate(
     key: PRNGKeyArray | None = None,
     chunk_size: int = 1024,
     first_index: int = 0,
+    differentiation: str = "reverse",
 ) -> Float[Array, "*batch n_times *channels"]:
     """ERPs (mV) of one parameter set, shape ``protocol.output_shape``, or of a batch, ``(N, ...)``.
 
@@ -270,6 +273,7 @@ def simulate(
       samples are unaffected. ``jnp.isfinite(erp).all(axis=1)`` is the validity mask.
 
     Under ``jax.jit`` with traced parameters, ``key=None`` gives the noise-free ERP whatever sigma.
+    ``differentiation``: ``"reverse"`` for ``jax.grad`` (default) or ``"forward"`` for ``jax.jacfwd``.
 
     With more than one chunk, chunks are gathered on the host and returned as a CPU array.
     """
@@ -280,6 +284,7 @@ def simulate(
         raise TypeError(f"protocol must be a jr_jax.Protocol, got {type(protocol).__name__}")
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_differentiation(differentiation)
     if not (isinstance(first_index, (int, np.integer)) and first_index >= 0):
         raise ValueError(f"first_index must be an integer >= 0, got {first_index!r}")
     batch = params.batch_shape
@@ -320,7 +325,7 @@ def simulate(
         kc = per_sample_keys(key, chunk, first_index + start) if needs_keys else None
         if sharding is not None:
             pc, kc = jax.device_put((pc, kc), sharding)
-        out = _erp_batch_jit(protocol, noisy_dynamics, pc, kc)[: min(chunk, n - start)]
+        out = _erp_batch_jit(protocol, noisy_dynamics, differentiation, pc, kc)[: min(chunk, n - start)]
         outputs.append(out)
     if len(outputs) == 1:
         erp = outputs[0]

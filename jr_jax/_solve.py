@@ -22,9 +22,16 @@ SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "heun": diffrax.Heun,
     "midpoint": diffrax.Midpoint,
 }
+#: How a solve is differentiated: reverse mode (jax.grad, checkpointed) or forward mode (jax.jacfwd).
+ADJOINTS = {"reverse": diffrax.RecursiveCheckpointAdjoint, "forward": diffrax.ForwardMode}
 #: Defaults chosen by the convergence study in ``benchmarks/convergence.py`` (see README).
 DEFAULT_SOLVER: SolverName = "heun"
 DEFAULT_DT: float = 2.5e-4
+
+
+def check_differentiation(differentiation: str) -> None:
+    if differentiation not in ADJOINTS:
+        raise ValueError(f"differentiation must be one of {sorted(ADJOINTS)}, got {differentiation!r}")
 
 
 def check_solver(solver: str, dt: float) -> None:
@@ -113,12 +120,14 @@ def integrate(
     stimulus: Stimulus = NO_STIMULUS,
     onset_step: float = 0.0,
     increments: Float[Array, "n_steps N"] | None = None,
+    differentiation: str = "reverse",
 ) -> Float[Array, "n_save 6 N"]:
     """Integrate ``n_steps`` fixed steps of size ``dt`` (s) from ``y0`` (state ``(6, N)``).
 
     Time is counted in steps: the stimulus onset is at step ``onset_step``; ``save_steps`` (static,
     increasing, within ``[0, n_steps]``) are the steps at which the state is returned.
     ``increments`` (``(n_steps, N)``) makes it the SDE with noise on y4, else the ODE.
+    ``differentiation``: ``"reverse"`` (``jax.grad``; checkpointed) or ``"forward"`` (``jax.jacfwd``).
     """
     dtype = y0.dtype
 
@@ -140,6 +149,7 @@ def integrate(
         stepsize_controller=diffrax.ConstantStepSize(),
         max_steps=int(n_steps) + 1,
         throw=False,
+        adjoint=ADJOINTS[differentiation](),
     )
     return sol.ys
 
@@ -173,6 +183,7 @@ def solve(
     dt: float = DEFAULT_DT,
     solver: SolverName = DEFAULT_SOLVER,
     stimulus: Stimulus | None = None,
+    differentiation: str = "reverse",
 ) -> Float[Array, "*batch n_ts 6"]:
     """The JR trajectory at times ``ts`` (s), by a fixed-step ``diffrax.diffeqsolve``.
 
@@ -185,10 +196,12 @@ def solve(
       ``A_e b_e sigma dW`` on y4. For a batch, keys of shape ``(N,)``, or one key from which
       sample i gets ``fold_in(key, i)``.
     - ``dt``: solver step (s); ``solver``: ``"euler"`` (Euler-Maruyama), ``"heun"`` or ``"midpoint"``.
+    - ``differentiation``: ``"reverse"`` for ``jax.grad`` (default) or ``"forward"`` for ``jax.jacfwd``.
 
     Works under ``jax.jit`` (with ``ts`` closed over), ``jax.vmap`` and ``jax.grad``.
     """
     check_solver(solver, dt)
+    check_differentiation(differentiation)
     if not isinstance(params, JRParams):
         raise TypeError(f"params must be a JRParams, got {type(params).__name__}")
     if isinstance(ts, jax.core.Tracer):
@@ -244,6 +257,7 @@ def solve(
         stimulus=NO_STIMULUS if stimulus is None else stimulus,
         onset_step=onset,
         increments=increments,
+        differentiation=differentiation,
     )
     ys = jnp.transpose(ys, (2, 0, 1))  # (N, n_ts, 6)
     return ys if batch else ys[0]

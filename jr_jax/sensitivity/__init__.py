@@ -1,0 +1,18 @@
+"""Sensitivity and identifiability: SALib's Sobol' and Morris indices beside gradient measures."""
+
+from ._gradients import (
+    dgsm as dgsm,
+    dgsm_from_gradients as dgsm_from_gradients,
+    elasticities as elasticities,
+    fisher as fisher,
+    fisher_from_jacobian as fisher_from_jacobian,
+    oat as oat,
+)
+from ._qoi import STANDARD_QOIS as STANDARD_QOIS, QoI as QoI, get_qoi as get_qoi
+from ._salib import (
+    morris as morris,
+    morris_indices as morris_indices,
+    problem as problem,
+    sobol as sobol,
+    sobol_indices as sobol_indices,
+)

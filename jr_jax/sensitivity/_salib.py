@@ -1,0 +1,122 @@
+"""Variance-based (Sobol') and screening (Morris) indices with SALib, on any model or on the JR ERP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._params import Prior
+from .._simulate import Protocol, simulate
+from ._qoi import QoI, get_qoi
+
+
+def problem(names, lows, highs) -> dict:
+    """SALib's problem dictionary."""
+    return dict(num_vars=len(names), names=list(names), bounds=[[float(a), float(b)] for a, b in zip(lows, highs)])
+
+
+def _check_outputs(y: np.ndarray, what: str) -> np.ndarray:
+    y = np.asarray(y, dtype=float)
+    bad = ~np.isfinite(y).reshape(len(y), -1).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} of {len(y)} model evaluations are not finite (first rows "
+                         f"{np.flatnonzero(bad)[:5].tolist()}); SALib needs every row in order, so nothing is "
+                         "dropped: narrow the prior, shorten dt, or use a QoI defined for these ERPs")
+    return y
+
+
+def _seed(key) -> int:
+    return int(np.asarray(jax.random.randint(key, (), 0, 2**31 - 1)))
+
+
+def sobol_indices(model: Callable[[np.ndarray], np.ndarray], names, lows, highs, n: int, *, seed: int,
+                  second_order: bool = False, num_resamples: int = 100) -> list[dict]:
+    """Sobol' S1 and ST (and S2) of ``model`` (``(M, d) -> (M,)``) by Saltelli sampling, n a power of 2.
+
+    Rows: ``{parameter, S1, S1_conf, ST, ST_conf}`` (95 % bootstrap half-widths) and, with
+    ``second_order``, ``{parameter, other, S2, S2_conf}``.
+    """
+    from SALib.analyze import sobol as analyze
+    from SALib.sample import sobol as sample
+
+    if not (isinstance(n, (int, np.integer)) and n >= 2 and (n & (n - 1)) == 0):
+        raise ValueError(f"n must be a power of two (Sobol' sequences lose their balance otherwise), got {n!r}; "
+                         f"try {2 ** int(np.ceil(np.log2(max(n, 2))))}")
+    prob = problem(names, lows, highs)
+    x = sample.sample(prob, n, calc_second_order=second_order, seed=seed)
+    y = _check_outputs(model(x), "sobol")
+    if y.ndim != 1:
+        raise ValueError(f"sobol_indices needs a scalar output per row, got shape {y.shape}")
+    si = analyze.analyze(prob, y, calc_second_order=second_order, num_resamples=num_resamples, seed=seed)
+    rows = [dict(parameter=p, S1=float(si["S1"][j]), S1_conf=float(si["S1_conf"][j]), ST=float(si["ST"][j]),
+                 ST_conf=float(si["ST_conf"][j])) for j, p in enumerate(names)]
+    if second_order:
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                rows.append(dict(parameter=names[a], other=names[b], S2=float(si["S2"][a, b]),
+                                 S2_conf=float(si["S2_conf"][a, b])))
+    return rows
+
+
+def morris_indices(model: Callable[[np.ndarray], np.ndarray], names, lows, highs, n_trajectories: int, *,
+                   seed: int, num_levels: int = 4) -> list[dict]:
+    """Morris elementary effects: rows ``{parameter, mu_star, mu_star_conf, sigma, mu}``."""
+    from SALib.analyze import morris as analyze
+    from SALib.sample import morris as sample
+
+    if not (isinstance(n_trajectories, (int, np.integer)) and n_trajectories >= 2):
+        raise ValueError(f"n_trajectories must be an integer >= 2, got {n_trajectories!r}")
+    prob = problem(names, lows, highs)
+    x = sample.sample(prob, n_trajectories, num_levels=num_levels, seed=seed)
+    y = _check_outputs(model(x), "morris")
+    si = analyze.analyze(prob, x, y, num_levels=num_levels, seed=seed)
+    return [dict(parameter=p, mu_star=float(si["mu_star"][j]), mu_star_conf=float(si["mu_star_conf"][j]),
+                 sigma=float(si["sigma"][j]), mu=float(si["mu"][j])) for j, p in enumerate(names)]
+
+
+def erp_model(prior: Prior, protocol: Protocol, qoi: QoI, *, chunk_size: int = 1024, key=None):
+    """``theta (M, n_params) -> QoI values`` through the batched simulator, in chunks."""
+    times = protocol.times
+    f = jax.jit(jax.vmap(lambda e: qoi(e, times)))
+
+    def model(theta):
+        theta = np.asarray(theta, dtype=np.float32)
+        out = []
+        for lo in range(0, len(theta), chunk_size):
+            part = theta[lo:lo + chunk_size]
+            pad = np.concatenate([part, np.repeat(part[-1:], chunk_size - len(part), axis=0)]) if len(part) < chunk_size \
+                else part
+            erp = simulate(prior.to_params(jnp.asarray(pad)), protocol, key=key, chunk_size=chunk_size,
+                           first_index=lo)
+            out.append(np.asarray(f(erp))[: len(part)])
+        return np.concatenate(out)
+
+    return model
+
+
+def sobol(prior: Prior, protocol: Protocol, qoi: str | QoI, n: int, *, key, second_order: bool = False,
+          chunk_size: int = 1024) -> list[dict]:
+    """Sobol' indices of a scalar QoI of the ERP over ``prior`` (n a power of two: n (d + 2) simulations,
+    n (2d + 2) with ``second_order``). Rows as :func:`sobol_indices`, plus ``qoi`` and ``n_simulations``."""
+    q = get_qoi(qoi)
+    if q.is_vector:
+        raise ValueError("sobol takes a scalar QoI; for the waveform use sobol_waveform")
+    rows = sobol_indices(erp_model(prior, protocol, q, chunk_size=chunk_size, key=key), prior.names, prior.lows,
+                         prior.highs, n, seed=_seed(key), second_order=second_order)
+    d = len(prior.names)
+    n_sim = n * (2 * d + 2 if second_order else d + 2)
+    return [dict(r, qoi=q.name, n_simulations=n_sim) for r in rows]
+
+
+def morris(prior: Prior, protocol: Protocol, qoi: str | QoI, n_trajectories: int, *, key, num_levels: int = 4,
+           chunk_size: int = 1024) -> list[dict]:
+    """Morris screening of a scalar QoI over ``prior``: n_trajectories (d + 1) simulations."""
+    q = get_qoi(qoi)
+    if q.is_vector:
+        raise ValueError("morris takes a scalar QoI")
+    rows = morris_indices(erp_model(prior, protocol, q, chunk_size=chunk_size, key=key), prior.names, prior.lows,
+                          prior.highs, n_trajectories, seed=_seed(key), num_levels=num_levels)
+    return [dict(r, qoi=q.name, n_simulations=n_trajectories * (len(prior.names) + 1)) for r in rows]
