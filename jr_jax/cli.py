@@ -148,6 +148,63 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(args: argparse.Namespace) -> int:
+    import csv
+
+    import jax
+    import numpy as np
+
+    from . import sensitivity as sa
+    from ._model import Stimulus
+    from ._params import JRParams, Prior
+    from ._simulate import Protocol
+
+    out = Path(args.out)
+    table, figure = out / f"{args.method}.csv", out / f"{args.method}.png"
+    existing = [str(p) for p in (table, figure) if p.exists()]
+    if existing and not args.force:
+        print(f"error: {', '.join(existing)} exist; pass --force to overwrite", file=sys.stderr)
+        return 2
+    protocol = Protocol(stimulus=Stimulus.study() if args.stimulus == "study" else Stimulus())
+    key = jax.random.key(args.seed)
+    try:
+        if args.method in ("sobol", "morris", "dgsm"):
+            prior = Prior(kind="uniform" if args.method == "dgsm" or args.prior == "uniform" else "normal")
+            fn = dict(sobol=sa.sobol, morris=sa.morris, dgsm=sa.dgsm)[args.method]
+            rows = fn(prior, protocol, args.qoi, args.n, key=key)
+            out.mkdir(parents=True, exist_ok=True)
+            sa.plot_indices(rows, figure, title=f"{args.method}, QoI {args.qoi}, {rows[0]['n_simulations']} simulations")
+        elif args.method == "fisher":
+            with jax.enable_x64(True):
+                res = sa.fisher(JRParams().astype("float64"), protocol, args.snr, prior=Prior())
+            rows = [dict(parameter=n, crlb_sd=float(res["crlb_sd"][j]), r2_ceiling=float(res["r2_ceiling"][j]),
+                         snr_db=args.snr) for j, n in enumerate(res["names"])]
+            out.mkdir(parents=True, exist_ok=True)
+            sa.plot_fisher(res, figure, title=f"Fisher information at the defaults, {args.snr:g} dB")
+        else:
+            factors = np.linspace(0.5, 1.5, args.n)
+            erps = sa.oat(JRParams(), protocol, args.param, factors)
+            rows = [dict(factor=float(f), **{f"t={t:.3f}": float(v) for t, v in zip(protocol.times, e)})
+                    for f, e in zip(factors, erps)]
+            out.mkdir(parents=True, exist_ok=True)
+            sa.plot_oat(erps, protocol.times, factors, args.param, figure)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    if args.method != "oat":
+        keys = [k for k in rows[0] if k not in ("parameter", "qoi", "n_simulations", "snr_db")]
+        print(f"{'parameter':10s} " + " ".join(f"{k:>12s}" for k in keys))
+        for r in rows:
+            if "other" not in r:
+                print(f"{r['parameter']:10s} " + " ".join(f"{r[k]:12.4g}" for k in keys))
+    print(f"wrote {table} and {figure}")
+    return 0
+
+
 def _plot(path: Path, times, erp, theta, names, n_total: int) -> None:
     import matplotlib
 
@@ -238,6 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("erp")
     f.add_argument("--fs", type=float, required=True, help="sampling rate of the ERP (Hz); must match the model's")
     f.set_defaults(func=_infer)
+    a = sub.add_parser("sensitivity", help="Sobol', Morris, DGSM, Fisher or one-at-a-time sensitivity; table + figure")
+    a.add_argument("--method", choices=["sobol", "morris", "dgsm", "fisher", "oat"], required=True)
+    a.add_argument("--qoi", default="rms", help="sobol/morris/dgsm: N1_amplitude, N1_latency, P2_amplitude, "
+                   "P2_latency, rms, theta_power, alpha_power, beta_power")
+    a.add_argument("--n", type=int, default=64, help="sobol: base samples (power of 2); morris: trajectories; "
+                   "dgsm: prior draws; oat: sweep points")
+    a.add_argument("--param", default="A_i", help="oat: the parameter swept over 0.5-1.5x its default")
+    a.add_argument("--snr", type=float, default=20.0, help="fisher: measurement SNR in dB")
+    a.add_argument("--prior", choices=["uniform", "study"], default="uniform", help="sobol/morris (dgsm: uniform)")
+    a.add_argument("--stimulus", choices=["study", "default"], default="study")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", default="jr_jax_out/sensitivity")
+    a.add_argument("--force", action="store_true")
+    a.set_defaults(func=_sensitivity)
     i = sub.add_parser("info", help="describe a dataset")
     i.add_argument("path")
     i.add_argument("--verify", action="store_true", help="check every chunk against its SHA-256 digest")

@@ -66,3 +66,15 @@ def test_train_evaluate_infer(tmp_path, capsys):
     assert "A_i [mV]" in out_npy and capsys.readouterr().out == out_npy
     assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "500"]) == 2
     assert "fs=500.0 Hz" in capsys.readouterr().err
+
+
+def test_sensitivity_writes_a_table_and_a_figure(tmp_path, capsys):
+    out = tmp_path / "sens"
+    for method in ("sobol", "morris", "fisher", "oat"):
+        assert main(["sensitivity", "--method", method, "--n", "8", "--out", str(out)]) == 0, method
+        assert (out / f"{method}.csv").is_file() and (out / f"{method}.png").stat().st_size > 5_000
+    lines = (out / "fisher.csv").read_text().splitlines()
+    assert lines[0] == "parameter,crlb_sd,r2_ceiling,snr_db" and len(lines) == 10
+    assert main(["sensitivity", "--method", "oat", "--n", "8", "--out", str(out)]) == 2  # no silent overwrite
+    assert main(["sensitivity", "--method", "sobol", "--n", "6", "--out", str(tmp_path / "x")]) == 2
+    assert "power of two" in capsys.readouterr().err

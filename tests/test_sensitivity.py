@@ -146,3 +146,15 @@ def test_bad_inputs_give_clear_errors():
         sa.dgsm(jr_jax.Prior(kind="normal"), PROTOCOL, "rms", 4, key=jax.random.key(0))
     with pytest.raises(ValueError, match="factors must be"):
         sa.oat(jr_jax.JRParams(), PROTOCOL, "A_i", [1.0, -1.0])
+
+
+def test_sobol_waveform_per_time_and_aggregate():
+    rows = sa.sobol_waveform(jr_jax.Prior(), PROTOCOL, 8, key=jax.random.key(1), time_stride=40, chunk_size=128)
+    agg = [r for r in rows if r["time"] is None]
+    per_time = [r for r in rows if r["time"] is not None]
+    assert len(agg) == 9 and len(per_time) % 9 == 0 and per_time
+    # the aggregate is the variance-weighted mean of the per-time indices
+    times = sorted({r["time"] for r in per_time})
+    w = np.array([next(r["variance"] for r in per_time if r["time"] == t) for t in times])
+    s1_ai = np.array([next(r["S1"] for r in per_time if r["time"] == t and r["parameter"] == "A_i") for t in times])
+    assert next(r["S1"] for r in agg if r["parameter"] == "A_i") == pytest.approx((w @ s1_ai) / w.sum())

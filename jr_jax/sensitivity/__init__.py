@@ -15,4 +15,6 @@ from ._salib import (
     problem as problem,
     sobol as sobol,
     sobol_indices as sobol_indices,
+    sobol_waveform as sobol_waveform,
 )
+from ._plots import plot_fisher as plot_fisher, plot_indices as plot_indices, plot_oat as plot_oat

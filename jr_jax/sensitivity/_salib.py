@@ -40,13 +40,8 @@ def sobol_indices(model: Callable[[np.ndarray], np.ndarray], names, lows, highs,
     ``second_order``, ``{parameter, other, S2, S2_conf}``.
     """
     from SALib.analyze import sobol as analyze
-    from SALib.sample import sobol as sample
 
-    if not (isinstance(n, (int, np.integer)) and n >= 2 and (n & (n - 1)) == 0):
-        raise ValueError(f"n must be a power of two (Sobol' sequences lose their balance otherwise), got {n!r}; "
-                         f"try {2 ** int(np.ceil(np.log2(max(n, 2))))}")
-    prob = problem(names, lows, highs)
-    x = sample.sample(prob, n, calc_second_order=second_order, seed=seed)
+    prob, x = _saltelli(names, lows, highs, n, second_order, seed)
     y = _check_outputs(model(x), "sobol")
     if y.ndim != 1:
         raise ValueError(f"sobol_indices needs a scalar output per row, got shape {y.shape}")
@@ -58,6 +53,50 @@ def sobol_indices(model: Callable[[np.ndarray], np.ndarray], names, lows, highs,
             for b in range(a + 1, len(names)):
                 rows.append(dict(parameter=names[a], other=names[b], S2=float(si["S2"][a, b]),
                                  S2_conf=float(si["S2_conf"][a, b])))
+    return rows
+
+
+def _saltelli(names, lows, highs, n, second_order, seed):
+    from SALib.sample import sobol as sample
+
+    if not (isinstance(n, (int, np.integer)) and n >= 2 and (n & (n - 1)) == 0):
+        raise ValueError(f"n must be a power of two (Sobol' sequences lose their balance otherwise), got {n!r}; "
+                         f"try {2 ** int(np.ceil(np.log2(max(n, 2))))}")
+    prob = problem(names, lows, highs)
+    return prob, sample.sample(prob, n, calc_second_order=second_order, seed=seed)
+
+
+def sobol_waveform(prior: Prior, protocol: Protocol, n: int, *, key, time_stride: int = 10,
+                   chunk_size: int = 1024) -> list[dict]:
+    """First-order and total Sobol' indices of the ERP at every ``time_stride``-th sample, and the
+    variance-weighted aggregate over time, S = sum_t Var(y_t) S_t / sum_t Var(y_t) (Gamboa et al.).
+
+    Rows ``{time, parameter, S1, ST, variance}`` per time point (``time`` in s) and
+    ``{time: None, parameter, S1, ST}`` for the aggregate. Time points with zero variance (the
+    baseline-corrected ERP at its pre-stimulus mean) are skipped.
+    """
+    from SALib.analyze import sobol as analyze
+
+    seed = _seed(key)
+    prob, x = _saltelli(prior.names, prior.lows, prior.highs, n, False, seed)
+    q = get_qoi("waveform")
+    y = _check_outputs(erp_model(prior, protocol, q, chunk_size=chunk_size, key=key)(x), "sobol_waveform")
+    times = protocol.times
+    rows, weights, s1s, sts = [], [], [], []
+    for t in range(0, y.shape[1], time_stride):
+        variance = float(np.var(y[:, t]))
+        if variance <= 1e-12 * float(np.var(y)):
+            continue
+        si = analyze.analyze(prob, y[:, t], calc_second_order=False, num_resamples=20, seed=seed)
+        weights.append(variance)
+        s1s.append(si["S1"])
+        sts.append(si["ST"])
+        rows += [dict(time=float(times[t]), parameter=p, S1=float(si["S1"][j]), ST=float(si["ST"][j]),
+                      variance=variance) for j, p in enumerate(prior.names)]
+    w = np.asarray(weights) / np.sum(weights)
+    agg_s1, agg_st = w @ np.asarray(s1s), w @ np.asarray(sts)
+    rows += [dict(time=None, parameter=p, S1=float(agg_s1[j]), ST=float(agg_st[j]), variance=None)
+             for j, p in enumerate(prior.names)]
     return rows
 
 
