@@ -158,3 +158,16 @@ def test_sobol_waveform_per_time_and_aggregate():
     w = np.array([next(r["variance"] for r in per_time if r["time"] == t) for t in times])
     s1_ai = np.array([next(r["S1"] for r in per_time if r["time"] == t and r["parameter"] == "A_i") for t in times])
     assert next(r["S1"] for r in agg if r["parameter"] == "A_i") == pytest.approx((w @ s1_ai) / w.sum())
+
+
+def test_fisher_has_the_c_ak_scaling_direction_in_its_null_space():
+    """The model depends on C and a_k only through C_k = a_k C: the direction (dC, da_k) =
+    (C, -a_k) leaves the ERP unchanged, so J v = 0 and F has a zero eigenvalue (to rounding)."""
+    names = jr_jax.STUDY_PARAMETERS
+    with jax.enable_x64(True):
+        p = jr_jax.JRParams().astype(jnp.float64)
+        out = sa.fisher(p, PROTOCOL, 20.0, names=names)
+    v = np.array([0, 0, 0, 0, 135.0, -1.0, -0.8, -0.25, -0.25])
+    info = out["information"]
+    assert abs(v @ info @ v) / (np.linalg.norm(v) ** 2 * out["eigenvalues"][-1]) < 1e-12
+    assert out["eigenvalues"][0] / out["eigenvalues"][-1] < 1e-12

@@ -1,0 +1,189 @@
+"""Write the notebooks from the cells below and execute them, so that they are stored with their
+figures. Small sizes by default; JR_JAX_FULL=1 selects the full sizes.
+
+    python notebooks/make_notebooks.py
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+
+SETUP = """\
+import os
+import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+import jr_jax
+from jr_jax import sensitivity as sa
+
+FULL = os.environ.get("JR_JAX_FULL") == "1"   # small sizes unless JR_JAX_FULL=1
+protocol = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study())
+names = jr_jax.STUDY_PARAMETERS
+print("full sizes" if FULL else "small sizes (set JR_JAX_FULL=1 for the full ones)")"""
+
+GRADIENT = [
+    ("md", """\
+# Gradient sensitivity of the Jansen-Rit ERP
+
+Which of the study's nine parameters can an ERP reveal? This notebook sets exact derivatives
+through the simulator (elasticities, DGSM, Fisher information) beside SALib's variance-based
+Sobol' indices and Morris screening. Units are consistent throughout (mV, s, s⁻¹): the reference
+study's later code mixed volts with r = 0.56 mV⁻¹, which flattened the sigmoid.
+
+Protocol: the study's stimulus (60 s⁻¹ for 50 ms into both interneuron populations, 0.56 × 60 into
+the pyramidal one), 1 s burn-in, epoch −0.2..1.0 s at 1 kHz, noise-free ERP."""),
+    ("code", SETUP),
+    ("md", """\
+## Elasticities over time
+
+d ERP(t) / d log θ at the JR-1995 defaults, by forward-mode differentiation (`jax.jacfwd`) through
+the Diffrax solve, in float64: how much the ERP moves, in mV, for a 100 % relative change of each
+parameter, time point by time point."""),
+    ("code", """\
+with jax.enable_x64(True):
+    el = sa.elasticities(jr_jax.JRParams().astype(jnp.float64), protocol, "waveform")
+t_ms = protocol.times * 1e3
+fig, ax = plt.subplots(figsize=(9, 4))
+for j, name in enumerate(names):
+    ax.plot(t_ms, el[:, j], label=name, lw=1)
+ax.axvspan(0, 50, color="0.9", zorder=0)
+ax.set_xlabel("time from stimulus onset (ms)"); ax.set_ylabel("d ERP / d log θ (mV)")
+ax.legend(ncol=3, fontsize=8); ax.grid(alpha=0.3)
+peak = np.abs(el).max(axis=0)
+print("largest |d ERP / d log θ| (mV):", dict(zip(names, np.round(peak, 2))))"""),
+    ("md", """\
+## Sobol' ST beside the DGSM bound
+
+For the post-stimulus RMS of the ERP over the study's (uniform) ranges: Sobol' indices from SALib,
+and the derivative-based measure ν_i = E[(∂q/∂θ_i)²] from exact reverse-mode gradients, with the
+Sobol'–Kucherenko bound ST_i ≤ (b_i − a_i)² ν_i / (π² V)."""),
+    ("code", """\
+prior = jr_jax.Prior()
+key = jax.random.key(0)
+n_sobol, n_dgsm = (1024, 1024) if FULL else (64, 64)
+sob = sa.sobol(prior, protocol, "rms", n_sobol, key=key)
+dg = sa.dgsm(prior, protocol, "rms", n_dgsm, key=key)
+print(f"Sobol': {sob[0]['n_simulations']} simulations; DGSM: {n_dgsm} simulations + gradients")
+print(f"{'param':6s} {'S1':>7s} {'ST':>7s} {'ST conf':>8s} {'DGSM bound':>11s} {'95 % CI':>20s}  bound holds")
+for s, d in zip(sob, dg):
+    holds = s["ST"] - s["ST_conf"] <= d["dgsm_high"]
+    print(f"{s['parameter']:6s} {s['S1']:7.3f} {s['ST']:7.3f} {s['ST_conf']:8.3f} {d['dgsm']:11.3g} "
+          f"[{d['dgsm_low']:8.3g}, {d['dgsm_high']:8.3g}]  {holds}")
+x = np.arange(len(names))
+fig, ax = plt.subplots(figsize=(9, 3.5))
+ax.bar(x - 0.2, [max(s["ST"], 1e-4) for s in sob], 0.4, label="Sobol' ST")
+ax.bar(x + 0.2, [d["dgsm"] for d in dg], 0.4, label="DGSM bound")
+ax.set_yscale("log"); ax.set_xticks(x, names); ax.legend(); ax.grid(alpha=0.3, axis="y")"""),
+    ("md", "## Morris screening (μ*, σ) of the same QoI"),
+    ("code", """\
+mor = sa.morris(prior, protocol, "rms", 64 if FULL else 8, key=key)
+fig, ax = plt.subplots(figsize=(9, 3.5))
+ax.bar(x - 0.2, [r["mu_star"] for r in mor], 0.4, yerr=[r["mu_star_conf"] for r in mor], label="μ*")
+ax.bar(x + 0.2, [r["sigma"] for r in mor], 0.4, label="σ")
+ax.set_xticks(x, names); ax.set_ylabel("elementary effects of the RMS (mV)"); ax.legend(); ax.grid(alpha=0.3, axis="y")
+for r in mor:
+    print(f"{r['parameter']:6s} mu* {r['mu_star']:9.3g} ± {r['mu_star_conf']:.2g}   sigma {r['sigma']:9.3g}")"""),
+    ("md", """\
+## The Fisher ceiling
+
+Fisher information of the whole ERP at the defaults under white measurement noise, and the R²
+that an efficient estimator could reach under the study's truncated-normal prior (Laplace
+approximation). This is a local figure (at one parameter set), to be read beside the Bi-LSTM's
+measured R² over the prior (README, recovery table)."""),
+    ("code", """\
+study_prior = jr_jax.Prior(kind="normal")
+snrs = (0, 10, 20, 30) if FULL else (10, 30)
+ceilings = {}
+with jax.enable_x64(True):
+    for snr in snrs:
+        res = sa.fisher(jr_jax.JRParams().astype(jnp.float64), protocol, float(snr), prior=study_prior)
+        ceilings[snr] = res["r2_ceiling"]
+print("R² ceiling at the defaults:")
+for snr, c in ceilings.items():
+    print(f"  {snr:>2} dB: " + "  ".join(f"{n} {v:.2f}" for n, v in zip(names, c)))
+print("Fisher eigenvalues at the last SNR:", np.array2string(res["eigenvalues"], precision=2))
+fig, ax = plt.subplots(figsize=(9, 3.5))
+for snr, c in ceilings.items():
+    ax.plot(names, c, "o-", label=f"{snr} dB")
+ax.set_ylim(0, 1.02); ax.set_ylabel("R² ceiling"); ax.legend(); ax.grid(alpha=0.3)"""),
+    ("md", """\
+## Reading
+
+- The ERP under the study's stimulus is driven mostly by the connectivity C, the inhibitory gain
+  A_i, the inhibitory rate b_i and the fraction a_4; A_e, b_e and a_1..a_3 move it little (Sobol'
+  ST of the RMS: benchmarks/sensitivity.py, 11 264 simulations).
+- Exact derivatives confirm it locally (elasticities), and the DGSM bound holds for every
+  parameter; but the squared derivatives are heavy-tailed over the wide prior, so the DGSM ranking
+  needs many draws to settle.
+- The Fisher information has one eigenvalue that is zero to rounding: the model depends on C and
+  a_1..a_4 only through the products C_k = a_k C, so scaling C by λ and every a_k by 1/λ leaves
+  the ERP unchanged. No estimator can separate C from the a_k; only the prior resolves that
+  direction. The R² ceiling of a_1..a_4 stays below 1 even at high SNR for this reason.
+- The Fisher ceiling says how much any estimator could recover at a given SNR near the defaults,
+  to be read beside the Bi-LSTM's measured R² over the prior (README)."""),
+]
+
+OAT = [
+    ("md", """\
+# The study's one-at-a-time sweeps, with consistent units
+
+Each parameter swept over 0.5–1.5× its JR-1995 default, the others fixed, the ERP at the source
+drawn as a heat map over time (left), and the log relative squared deviation from the sweep's mean
+(right) — the figures of the reference study, here with mV, s and s⁻¹ throughout. One batched
+simulator call per parameter."""),
+    ("code", SETUP),
+    ("code", """\
+factors = np.linspace(0.5, 1.5, 200 if FULL else 21)
+params = jr_jax.JRParams()
+sweeps = {name: sa.oat(params, protocol, name, factors) for name in names}
+fig, axes = plt.subplots(3, 3, figsize=(13, 9), sharex=True)
+for ax, name in zip(axes.ravel(), names):
+    e = sweeps[name]
+    im = ax.imshow(e, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-np.abs(e).max(), vmax=np.abs(e).max(),
+                   extent=[protocol.times[0] * 1e3, protocol.times[-1] * 1e3, factors[0], factors[-1]])
+    ax.set_title(name); fig.colorbar(im, ax=ax, label="mV")
+for ax in axes[-1]:
+    ax.set_xlabel("time (ms)")
+for ax in axes[:, 0]:
+    ax.set_ylabel("factor")
+fig.tight_layout()"""),
+    ("code", """\
+fig, axes = plt.subplots(3, 3, figsize=(13, 9), sharex=True)
+for ax, name in zip(axes.ravel(), names):
+    e = sweeps[name]
+    dev = np.log10((e - e.mean(0)) ** 2 / (e.mean(0) ** 2 + 1e-12) + 1e-12)
+    im = ax.imshow(dev, aspect="auto", origin="lower", cmap="viridis", vmin=-6, vmax=2,
+                   extent=[protocol.times[0] * 1e3, protocol.times[-1] * 1e3, factors[0], factors[-1]])
+    ax.set_title(name); fig.colorbar(im, ax=ax, label="log10 rel. sq. dev.")
+fig.tight_layout()
+spread = {name: float(np.sqrt(((sweeps[name] - sweeps[name].mean(0)) ** 2).mean())) for name in names}
+print("RMS change of the ERP over the sweep (mV):", {k: round(v, 2) for k, v in spread.items()})"""),
+    ("md", """\
+## Reading
+
+With consistent units every parameter changes the ERP, but by very different amounts: A_i, b_i
+and C reshape the N1/P2 complex, b_e shifts its timing, A_e and a_1..a_3 change it least. In the
+study's code the sigmoid was nearly flat (volts against r in mV⁻¹), which made the model close to
+linear and a_1..a_4 nearly invisible; here the a_k sweeps still show structured changes."""),
+]
+
+
+def build(name: str, cells, execute: bool = True) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+                for kind, src in cells]
+    nb.metadata["kernelspec"] = dict(name="python3", display_name="Python 3", language="python")
+    if execute:
+        NotebookClient(nb, timeout=1200, kernel_name="python3", resources=dict(metadata=dict(path=str(HERE)))).execute()
+    path = HERE / name
+    nbformat.write(nb, path)
+    return path
+
+
+NOTEBOOKS = {"gradient_sensitivity.ipynb": GRADIENT, "oat_sweeps.ipynb": OAT}
+
+if __name__ == "__main__":
+    for name, cells in NOTEBOOKS.items():
+        print("wrote", build(name, cells))
