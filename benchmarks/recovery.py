@@ -9,6 +9,7 @@ On a 2-core CPU the full-length Bi-LSTM trains at about 90 samples/s, so this sc
 strided-convolution front-end (the study's CNN-BiLSTM option) by default. Writes JSON and CSV.
 
     python benchmarks/recovery.py [--n 12000] [--epochs 15] [--out benchmarks/results/recovery]
+    python benchmarks/recovery.py --grid --epochs 10     # then: train at each SNR, test at every SNR
 """
 
 import argparse
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 import jr_jax
 from jr_jax._evaluate import format_table
@@ -38,6 +40,36 @@ def figures(est, ds, rows, out: Path) -> None:
     plot_metric_vs_snr(rows, out / "pearson_vs_snr.png", metric="pearson", reference=STUDY_BEST_R)
 
 
+def grid(args) -> None:
+    """Train at each noise level, test at every level (the study's design); mean R² over parameters."""
+    out = Path(args.out)
+    ds = jr_jax.load_dataset(out / "data.zarr")  # the dataset of the main run
+    encoder = dict(hidden=args.hidden, conv_channels=args.conv_channels, conv_kernel=args.conv_stride,
+                   conv_stride=args.conv_stride)
+    train_snrs, test_snrs = (30.0, 20.0, 10.0, 0.0), (None, 30.0, 20.0, 10.0, 0.0)
+    table, t0 = [], time.perf_counter()
+    for snr in train_snrs:
+        est, history = jr_jax.train(ds, snr_db=snr, encoder=encoder, epochs=args.epochs, patience=10,
+                                    schedule="cosine", checkpoint_dir=out / f"grid_checkpoint_{snr:g}", progress=True)
+        rows = jr_jax.evaluate(est, ds, test_snrs, baselines=False)
+        for r in rows:
+            table.append(dict(r, train_snr_db=snr))
+    names = list(dict.fromkeys(r["parameter"] for r in table))
+    print("mean R² over the nine parameters (rows: training SNR, columns: test SNR)")
+    print("train \\ test " + " ".join(f"{'clean' if s is None else f'{s:g} dB':>8s}" for s in test_snrs))
+    for snr in train_snrs:
+        vals = [np.mean([r["r2"] for r in table if r["train_snr_db"] == snr and r["snr_db"] == s]) for s in test_snrs]
+        print(f"{snr:>8g} dB  " + " ".join(f"{v:8.3f}" for v in vals))
+    with open(out / "grid.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    (out / "grid.json").write_text(json.dumps(dict(train_snrs=train_snrs, test_snrs=test_snrs, names=names,
+                                                   epochs=args.epochs, seconds=time.perf_counter() - t0,
+                                                   rows=table), indent=2) + "\n")
+    print(f"wrote {out / 'grid.csv'} and grid.json")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=12000)
@@ -47,7 +79,11 @@ def main():
     ap.add_argument("--conv-stride", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/recovery")
     ap.add_argument("--figures-only", action="store_true", help="redraw the figures from a finished run")
+    ap.add_argument("--grid", action="store_true", help="the study's grid instead: one model per training SNR "
+                    "(30, 20, 10, 0 dB), each tested at every SNR")
     args = ap.parse_args()
+    if args.grid:
+        return grid(args)
     if args.figures_only:
         out = Path(args.out)
         ds, est = jr_jax.load_dataset(out / "data.zarr"), jr_jax.Estimator.load(out / "model")

@@ -113,12 +113,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if out.exists() and not args.force:
             print(f"error: {out} exists; pass --force to overwrite", file=sys.stderr)
             return 2
-        import csv
-
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        _write_csv(out, rows)
         print(f"wrote {out}")
     return 0
 
@@ -148,9 +143,17 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sensitivity(args: argparse.Namespace) -> int:
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Tidy rows as CSV, one column per key of the first row."""
     import csv
 
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
@@ -191,10 +194,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(table, rows)
     if args.method != "oat":
         keys = [k for k in rows[0] if k not in ("parameter", "qoi", "n_simulations", "snr_db")]
         print(f"{'parameter':10s} " + " ".join(f"{k:>12s}" for k in keys))
