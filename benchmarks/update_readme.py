@@ -144,6 +144,23 @@ def recovery_table() -> str:
     return "\n".join(out)
 
 
+def grid_table() -> str:
+    path = RESULTS / "recovery" / "grid.json"
+    if not path.is_file():
+        return "(not run yet: `python benchmarks/recovery.py --grid`)"
+    d = json.loads(path.read_text())
+    rows, tests = d["rows"], d["test_snrs"]
+    out = ["| mean R² over the nine parameters | " + " | ".join("clean" if t is None else f"test {t:g} dB" for t in tests)
+           + " |", "| --- |" + " --- |" * len(tests)]
+    for train in d["train_snrs"]:
+        vals = [sum(r["r2"] for r in rows if r["train_snr_db"] == train and r["snr_db"] == t) / len(d["names"])
+                for t in tests]
+        out.append(f"| trained at {train:g} dB | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    out += ["", f"One model per training SNR ({d['epochs']} epochs each, same data and encoder as above; "
+            f"{d['seconds'] / 60:.0f} min in all); per parameter in `benchmarks/results/recovery/grid.csv`."]
+    return "\n".join(out)
+
+
 def sensitivity_table() -> str:
     d = json.loads((RESULTS / "sensitivity.json").read_text())
     names = d["names"]
@@ -169,7 +186,7 @@ def main():
     text = readme.read_text()
     tables = (("convergence-table", convergence_table), ("performance-table", performance_table),
               ("dataset-table", dataset_table), ("train-table", train_table), ("recovery-table", recovery_table),
-              ("sensitivity-table", sensitivity_table))
+              ("sensitivity-table", sensitivity_table), ("grid-table", grid_table))
     for name, fill in tables:
         pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
         if not pattern.search(text):
