@@ -1,4 +1,5 @@
-"""jr_jax: the Jansen-Rit neural mass model in JAX — batched ERP simulation with Diffrax."""
+"""jr_jax: the Jansen-Rit neural mass model in JAX — batched ERP simulation with Diffrax, datasets,
+Bi-LSTM parameter inference, and gradient and variance-based sensitivity (``jr_jax.sensitivity``)."""
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
