@@ -185,3 +185,17 @@ def test_multichannel_input():
     assert est.predict_array(erp3[0]).shape == (2,)
     with pytest.raises(ValueError, match=r"\(N, n_times, 3\)"):
         est.predict(erp[:4])
+
+
+def test_training_on_the_fly_simulates_fresh_batches():
+    protocol = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study(), burn_in=0.1, tmin=-0.05, tmax=0.15)
+    data = TrainingData.on_the_fly(jr_jax.Prior(), protocol, key=jax.random.key(0), n_val=64, batches_per_epoch=5)
+    assert data.n_train is None and data.erp_val.shape == (64, protocol.n_times, 1)
+    first = [t for t, _ in data.batches(0, 16, 0)]
+    second = [t for t, _ in data.batches(1, 16, 0)]
+    assert len(first) == 5 and not np.array_equal(first[0], second[0])  # new draws every epoch
+    np.testing.assert_array_equal(first[0], next(iter(data.batches(0, 16, 0)))[0])  # reproducible
+    est, history = train(data, epochs=2, batch_size=16, encoder=dict(hidden=8), progress=False)
+    assert history[-1]["samples"] == 80 and est.predict_array(data.erp_val[:2, :, 0]).shape == (2, 9)
+    with pytest.raises(ValueError, match="snr_db=None"):
+        TrainingData.on_the_fly(jr_jax.Prior(), protocol.replace(snr_db=10.0), key=jax.random.key(0))
