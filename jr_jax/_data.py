@@ -138,6 +138,7 @@ def _write_chunk(path: Path, c: int, blocks: tuple[np.ndarray, ...], config: dic
     group["valid"][lo:hi] = valid
     marker = dict(chunk=c, start=lo, stop=hi, n_valid=int(valid.sum()),
                   sha256=dict(theta=_digest(theta), erp=_digest(erp), valid=_digest(valid)))
+    (path / _DONE).mkdir(parents=True, exist_ok=True)
     _atomic_write_text(path / _DONE / f"{c}.json", json.dumps(marker))
 
 
@@ -160,6 +161,7 @@ def _create(path: Path, config: dict, prior: Prior, protocol: Protocol) -> None:
     import zarr
 
     n, size = config["n"], config["chunk_size"]
+    (path / _DONE).mkdir(parents=True, exist_ok=True)  # before the attributes mark it a dataset
     group = zarr.open_group(str(path), mode="w")
     group.create_array("theta", shape=(n, len(prior.names)), chunks=(size, len(prior.names)), dtype="float32",
                        fill_value=np.nan)
@@ -167,7 +169,6 @@ def _create(path: Path, config: dict, prior: Prior, protocol: Protocol) -> None:
                        dtype="float32", fill_value=np.nan)
     group.create_array("valid", shape=(n,), chunks=(size,), dtype="bool", fill_value=False)
     group.attrs["jr_jax"] = dict(config=config, versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    (path / _DONE).mkdir(parents=True, exist_ok=True)
 
 
 def _stored_config(path: Path) -> dict | None:
@@ -247,7 +248,8 @@ def make_dataset(
         (path / _DONE / f"{c}.json").unlink()
     todo = [c for c in range(n_chunks) if c not in done or c in bad]
 
-    report = _progress_reporter(progress, n_chunks, n_chunks - len(todo), chunk_size, n)
+    report = _progress_reporter(progress, n_chunks, n_chunks - len(todo), chunk_size, n,
+                                n - sum(hi - lo for lo, hi in (_chunk_bounds(c, n, chunk_size) for c in todo)))
     t0 = time.perf_counter()
     try:
         if scheduler is None and client is None:
@@ -265,7 +267,7 @@ def make_dataset(
     return dataset
 
 
-def _progress_reporter(progress, n_chunks, already, chunk_size, n):
+def _progress_reporter(progress, n_chunks, already, chunk_size, n, samples_done):
     if callable(progress):
         state = dict(done=already)
 
@@ -279,7 +281,7 @@ def _progress_reporter(progress, n_chunks, already, chunk_size, n):
         return lambda c: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, initial=min(already * chunk_size, n), unit="ERP", unit_scale=True, desc="simulating",
+    bar = tqdm(total=n, initial=samples_done, unit="ERP", unit_scale=True, desc="simulating",
                dynamic_ncols=True)
 
     def report(c):
@@ -479,9 +481,9 @@ class Dataset:
         index = np.flatnonzero(valid)
         rng = np.random.default_rng(self.config["split_seed"] if seed is None else seed)
         index = index[rng.permutation(len(index))]
-        n_train = int(round(fractions[0] * len(index)))
-        n_val = int(round(fractions[1] * len(index)))
-        parts = index[:n_train], index[n_train:n_train + n_val], index[n_train + n_val:]
+        n_train = int(round(fractions[0] * len(index)))  # cumulative boundaries: parts sum to the total
+        n_train_val = int(round((fractions[0] + fractions[1]) * len(index)))
+        parts = index[:n_train], index[n_train:n_train_val], index[n_train_val:]
         return Split(*(np.sort(p) for p in parts), n_invalid=int((~valid).sum()))
 
     def batches(

@@ -179,8 +179,9 @@ def add_measurement_noise(
 ) -> Float[Array, "*batch n_times"]:
     """``erp`` plus Gaussian noise at ``snr_db`` (mean square of ``erp`` over noise variance).
 
-    ``erp`` is ``(n_times,)``, ``(n_times, n_channels)``, or a batch with a leading axis N (then
-    ``key`` is one key and sample i gets ``fold_in(key, i)``, or keys of shape ``(N,)``).
+    With one ``key``, ``erp`` is one ERP: ``(n_times,)`` or ``(n_times, n_channels)``. For a batch
+    ``(N, n_times[, n_channels])`` pass keys of shape ``(N,)``: each sample gets its own noise at
+    the SNR of its own power.
     """
     if not (isinstance(snr_db, (int, float)) and math.isfinite(snr_db)):
         raise ValueError(f"snr_db must be a finite number (dB), got {snr_db!r}")
@@ -239,7 +240,8 @@ def _erp_batch(protocol: Protocol, stochastic: bool, differentiation: str, param
     erp = (total / n_trials).T  # (n, n_times)
 
     if protocol.baseline:
-        erp = erp - jnp.mean(erp[:, protocol.times < 0], axis=1, keepdims=True)
+        n_pre = int(round(-protocol.tmin * protocol.fs))  # samples before the onset, by index
+        erp = erp - jnp.mean(erp[:, :n_pre], axis=1, keepdims=True)
     valid = jnp.all(jnp.isfinite(erp), axis=1)
     erp = jnp.where(valid[:, None], erp, jnp.nan)
     if protocol.lead_field is not None:

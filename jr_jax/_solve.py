@@ -29,6 +29,16 @@ DEFAULT_SOLVER: SolverName = "heun"
 DEFAULT_DT: float = 2.5e-4
 
 
+def _adjoint(differentiation: str, n_steps: int):
+    if differentiation == "forward":
+        return diffrax.ForwardMode()
+    # One checkpoint per step: with fewer (diffrax's default for a known max_steps), reverse-mode
+    # gradients of solves that save many time points were seen to differ from forward mode and
+    # from finite differences by up to 20 % (tests/test_solve.py checks this case). Memory: one
+    # (6, N) state per step.
+    return diffrax.RecursiveCheckpointAdjoint(checkpoints=int(n_steps) + 1)
+
+
 def check_differentiation(differentiation: str) -> None:
     if differentiation not in ADJOINTS:
         raise ValueError(f"differentiation must be one of {sorted(ADJOINTS)}, got {differentiation!r}")
@@ -149,7 +159,7 @@ def integrate(
         stepsize_controller=diffrax.ConstantStepSize(),
         max_steps=int(n_steps) + 1,
         throw=False,
-        adjoint=ADJOINTS[differentiation](),
+        adjoint=_adjoint(differentiation, n_steps),
     )
     return sol.ys
 

@@ -258,7 +258,11 @@ def train(
         pred = jax.vmap(lambda xi: model(scale_input(xi, x_mean, x_std), inference=True))(x)
         return jnp.mean((pred - y) ** 2)
 
-    fingerprint = json.dumps(dict(snr=snr, noise_color=noise_color, encoder=model.config, epochs=epochs,
+    import hashlib
+
+    data_digest = hashlib.sha256(b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in
+                                          (data.theta_val, data.erp_val, data.x_mean, data.x_std))).hexdigest()
+    fingerprint = json.dumps(dict(data=data_digest, snr=snr, noise_color=noise_color, encoder=model.config, epochs=epochs,
                                   batch_size=batch_size, lr=learning_rate, schedule=schedule, clip=clip_norm,
                                   patience=patience, min_delta=min_delta, seed=seed, names=list(data.names),
                                   n_train=data.n_train, info=data.info), sort_keys=True)

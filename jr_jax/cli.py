@@ -76,6 +76,10 @@ def _train(args: argparse.Namespace) -> int:
     if (out / "manifest.json").exists() and not args.force:
         print(f"error: {out} already holds an estimator; pass --force to replace it", file=sys.stderr)
         return 2
+    if args.force and (out / "checkpoint").is_dir():
+        import shutil
+
+        shutil.rmtree(out / "checkpoint")  # --force starts the training afresh
     try:
         ds = load_dataset(args.data)
         encoder = dict(hidden=args.hidden, layers=args.layers, dropout=args.dropout, conv_channels=args.conv_channels,
@@ -100,8 +104,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ._evaluate import evaluate, format_table
 
     try:
+        snrs = [_parse_snr(t) for t in args.snr]
+        if any(isinstance(s, tuple) for s in snrs):
+            raise ValueError("evaluate takes single test SNRs (numbers or inf), not ranges")
         est, ds = Estimator.load(args.model), load_dataset(args.data)
-        rows = evaluate(est, ds, [_parse_snr(t) for t in args.snr], seed=args.seed, baselines=not args.no_baselines)
+        rows = evaluate(est, ds, snrs, seed=args.seed, baselines=not args.no_baselines)
     except (ValueError, FileNotFoundError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -172,7 +179,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     key = jax.random.key(args.seed)
     try:
         if args.method in ("sobol", "morris", "dgsm"):
-            prior = Prior(kind="uniform" if args.method == "dgsm" or args.prior == "uniform" else "normal")
+            prior = Prior()
             fn = dict(sobol=sa.sobol, morris=sa.morris, dgsm=sa.dgsm)[args.method]
             rows = fn(prior, protocol, args.qoi, args.n, key=key)
             out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
                    "dgsm: prior draws; oat: sweep points")
     a.add_argument("--param", default="A_i", help="oat: the parameter swept over 0.5-1.5x its default")
     a.add_argument("--snr", type=float, default=20.0, help="fisher: measurement SNR in dB")
-    a.add_argument("--prior", choices=["uniform", "study"], default="uniform", help="sobol/morris (dgsm: uniform)")
     a.add_argument("--stimulus", choices=["study", "default"], default="study")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default="jr_jax_out/sensitivity")

@@ -57,6 +57,9 @@ def test_train_evaluate_infer(tmp_path, capsys):
     lines = csv_out.read_text().splitlines()
     assert lines[0].startswith("method,snr_db,n_test,parameter,r2") and len(lines) == 1 + 2 * 3 * 9
 
+    assert main(["evaluate", str(model), str(data), "--snr", "0:30"]) == 2
+    assert "not ranges" in capsys.readouterr().err
+
     erp = np.asarray(jr_jax.load_dataset(data).erp[:2])
     np.save(tmp_path / "erp.npy", erp)
     np.savetxt(tmp_path / "erp.csv", erp, delimiter=",")

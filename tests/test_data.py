@@ -59,6 +59,8 @@ def test_split_is_deterministic_disjoint_and_excludes_invalid(reference, tmp_pat
     assert len(everything) == len(np.unique(everything)) == N - a.n_invalid
     assert (len(a.train), len(a.val), len(a.test)) == (38, 5, 5)
     assert not np.array_equal(ds.split(seed=1).test, a.test)
+    halves = ds.split((0.5, 0.5, 0.0))  # boundaries are rounded cumulatively: nothing leaks into test
+    assert (len(halves.train), len(halves.val), len(halves.test)) == (24, 24, 0)
     with pytest.raises(ValueError, match="fractions"):
         ds.split((0.5, 0.5, 0.5))
 

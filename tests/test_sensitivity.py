@@ -144,6 +144,8 @@ def test_bad_inputs_give_clear_errors():
         sa.get_qoi("P300")
     with pytest.raises(ValueError, match="uniform inputs"):
         sa.dgsm(jr_jax.Prior(kind="normal"), PROTOCOL, "rms", 4, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="samples the prior's box uniformly"):
+        sa.sobol(jr_jax.Prior(kind="normal"), PROTOCOL, "rms", 8, key=jax.random.key(0))
     with pytest.raises(ValueError, match="factors must be"):
         sa.oat(jr_jax.JRParams(), PROTOCOL, "A_i", [1.0, -1.0])
 

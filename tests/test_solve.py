@@ -183,3 +183,27 @@ def test_jit_does_not_retrace_for_new_values():
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_reverse_mode_gradient_of_a_densely_saved_solve(x64):
+    """A solve saved at every step (111 points, Euler, 1 ms): jax.grad equals central differences.
+
+    This configuration once gave reverse-mode gradients off by up to 5 % with diffrax's default
+    checkpointing; the solver now keeps one checkpoint per step. rtol 1e-6 as above.
+    """
+    prior = jr_jax.Prior()
+    theta = np.asarray(prior.sample_array(jax.random.key(0), 3))[1].astype(np.float64)
+    ts = np.arange(111) * 1e-3 - 0.01
+
+    def f(t):
+        y = jr_jax.solve(prior.to_params(jnp.asarray(t)[None])[0], ts, dt=1e-3, solver="euler")
+        return jnp.sum((y[:, 1] - y[:, 2]) ** 2)
+
+    grad = np.asarray(jax.grad(f)(jnp.asarray(theta)))
+    for j in range(len(theta)):
+        h = 1e-6 * theta[j]
+        up, down = theta.copy(), theta.copy()
+        up[j] += h
+        down[j] -= h
+        fd = (float(f(up)) - float(f(down))) / (2 * h)
+        np.testing.assert_allclose(grad[j], fd, rtol=1e-6, err_msg=prior.names[j])

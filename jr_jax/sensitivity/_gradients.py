@@ -144,7 +144,8 @@ def fisher(params: JRParams, protocol: Protocol, snr_db: float, *, prior: Prior 
     erp = simulate(params, protocol)
     jac = jax.jacfwd(lambda t: simulate(params.replace(**dict(zip(names, t))), protocol, differentiation="forward"))(
         theta)
-    _check_outputs(np.asarray(jac).T, "fisher Jacobian")
+    jac = np.asarray(jac).reshape(-1, len(names))  # (n_times [x n_channels], n_params)
+    _check_outputs(jac.T, "fisher Jacobian")
     noise_variance = float(jnp.mean(erp**2)) / 10 ** (snr_db / 10)
     prior_var = None
     if prior is not None:

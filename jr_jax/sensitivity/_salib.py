@@ -77,6 +77,7 @@ def sobol_waveform(prior: Prior, protocol: Protocol, n: int, *, key, time_stride
     """
     from SALib.analyze import sobol as analyze
 
+    _require_uniform(prior, "sobol_waveform")
     seed = _seed(key)
     prob, x = _saltelli(prior.names, prior.lows, prior.highs, n, False, seed)
     q = get_qoi("waveform")
@@ -116,6 +117,12 @@ def morris_indices(model: Callable[[np.ndarray], np.ndarray], names, lows, highs
                  sigma=float(si["sigma"][j]), mu=float(si["mu"][j])) for j, p in enumerate(names)]
 
 
+def _require_uniform(prior: Prior, what: str) -> None:
+    if prior.kind != "uniform":
+        raise ValueError(f"{what} samples the prior's box uniformly (SALib's sampler): use Prior(kind='uniform') "
+                         f"with the bounds you want, not kind={prior.kind!r}")
+
+
 def erp_model(prior: Prior, protocol: Protocol, qoi: QoI, *, chunk_size: int = 1024, key=None):
     """``theta (M, n_params) -> QoI values`` through the batched simulator, in chunks."""
     times = protocol.times
@@ -141,6 +148,7 @@ def sobol(prior: Prior, protocol: Protocol, qoi: str | QoI, n: int, *, key, seco
     """Sobol' indices of a scalar QoI of the ERP over ``prior`` (n a power of two: n (d + 2) simulations,
     n (2d + 2) with ``second_order``). Rows as :func:`sobol_indices`, plus ``qoi`` and ``n_simulations``."""
     q = get_qoi(qoi)
+    _require_uniform(prior, "sobol")
     if q.is_vector:
         raise ValueError("sobol takes a scalar QoI; for the waveform use sobol_waveform")
     rows = sobol_indices(erp_model(prior, protocol, q, chunk_size=chunk_size, key=key), prior.names, prior.lows,
@@ -154,6 +162,7 @@ def morris(prior: Prior, protocol: Protocol, qoi: str | QoI, n_trajectories: int
            chunk_size: int = 1024) -> list[dict]:
     """Morris screening of a scalar QoI over ``prior``: n_trajectories (d + 1) simulations."""
     q = get_qoi(qoi)
+    _require_uniform(prior, "morris")
     if q.is_vector:
         raise ValueError("morris takes a scalar QoI")
     rows = morris_indices(erp_model(prior, protocol, q, chunk_size=chunk_size, key=key), prior.names, prior.lows,
