@@ -299,14 +299,3 @@ class Prior(eqx.Module):
         """The varied parameters of ``params`` as an array ``(N, n_params)``."""
         b = params.broadcast()
         return jnp.stack([jnp.atleast_1d(getattr(b, n)) for n in self.names], axis=-1)
-
-    def in_support(self, theta) -> Array:
-        """True where rows of ``theta`` lie inside the bounds."""
-        theta = jnp.asarray(theta)
-        return jnp.all((theta >= self.lows) & (theta <= self.highs), axis=-1)
-
-
-def study_prior(kind: Literal["uniform", "normal"] = "uniform") -> Prior:
-    """The study's nine parameters over its ranges; ``kind="normal"`` is its (truncated) normal."""
-    return Prior(kind=kind)
-

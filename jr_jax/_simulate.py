@@ -23,6 +23,7 @@ from ._solve import (
     check_solver,
     integrate,
     per_sample_keys,
+    state_dtype,
 )
 
 
@@ -109,10 +110,6 @@ class Protocol(eqx.Module):
     def times(self) -> np.ndarray:
         """Sample times (s) relative to the onset, shape ``(n_times,)``."""
         return self.tmin + np.arange(self.n_times) / self.fs
-
-    @property
-    def n_channels(self) -> int | None:
-        return None if self.lead_field is None else len(self.lead_field)
 
     @property
     def steps_per_sample(self) -> int:
@@ -209,7 +206,7 @@ def _erp_batch(protocol: Protocol, stochastic: bool, differentiation: str, param
     ``stochastic``: whether the dynamics have intrinsic noise (else one noise-free trial).
     """
     n = params.batch_shape[0]
-    dtype = jnp.result_type(*(getattr(params, f).dtype for f in JRParams.names))
+    dtype = state_dtype(params)
     if stochastic:
         dynamics_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
         segment_keys = lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(dynamics_keys)  # noqa: E731

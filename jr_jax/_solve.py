@@ -23,7 +23,7 @@ SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "midpoint": diffrax.Midpoint,
 }
 #: How a solve is differentiated: reverse mode (jax.grad, checkpointed) or forward mode (jax.jacfwd).
-ADJOINTS = {"reverse": diffrax.RecursiveCheckpointAdjoint, "forward": diffrax.ForwardMode}
+DIFFERENTIATION = ("reverse", "forward")
 #: Defaults chosen by the convergence study in ``benchmarks/convergence.py`` (see README).
 DEFAULT_SOLVER: SolverName = "heun"
 DEFAULT_DT: float = 2.5e-4
@@ -40,8 +40,8 @@ def _adjoint(differentiation: str, n_steps: int):
 
 
 def check_differentiation(differentiation: str) -> None:
-    if differentiation not in ADJOINTS:
-        raise ValueError(f"differentiation must be one of {sorted(ADJOINTS)}, got {differentiation!r}")
+    if differentiation not in DIFFERENTIATION:
+        raise ValueError(f"differentiation must be one of {DIFFERENTIATION}, got {differentiation!r}")
 
 
 def check_solver(solver: str, dt: float) -> None:
@@ -164,7 +164,8 @@ def integrate(
     return sol.ys
 
 
-def _state_dtype(params: JRParams):
+def state_dtype(params: JRParams):
+    """The floating dtype of the state: the widest dtype among the parameter fields."""
     return jnp.result_type(*(getattr(params, n).dtype for n in JRParams.names))
 
 
@@ -226,7 +227,7 @@ def solve(
     p = params.broadcast()
     if not batch:
         p = jax.tree_util.tree_map(lambda x: x[None], p)
-    dtype = _state_dtype(p)
+    dtype = state_dtype(p)
 
     if y0 is None:
         y = jnp.zeros((6, n), dtype)

@@ -11,7 +11,7 @@ import numpy as np
 from .._params import STUDY_PARAMETERS, JRParams, Prior
 from .._simulate import Protocol, simulate
 from ._qoi import QoI, get_qoi
-from ._salib import _check_outputs, _seed
+from ._salib import _check_outputs, _scalar_qoi, _seed, padded_chunks
 
 
 def _values(params: JRParams, names) -> jnp.ndarray:
@@ -76,11 +76,7 @@ def dgsm(prior: Prior, protocol: Protocol, qoi: str | QoI, n: int, *, key, chunk
     ``n`` prior draws (one simulation and one gradient each). The bound is for uniform inputs
     (``prior.kind == "uniform"``). Rows as :func:`dgsm_from_gradients`, plus ``qoi`` and ``n``.
     """
-    q = get_qoi(qoi)
-    if q.is_vector:
-        raise ValueError("dgsm takes a scalar QoI")
-    if prior.kind != "uniform":
-        raise ValueError("the DGSM bound on ST holds for uniform inputs: use Prior(kind='uniform')")
+    q = _scalar_qoi(prior, qoi, "dgsm (its bound on ST holds for uniform inputs)")
     if not (isinstance(n, (int, np.integer)) and n >= 2):
         raise ValueError(f"n must be an integer >= 2, got {n!r}")
     times = protocol.times
@@ -96,13 +92,10 @@ def dgsm(prior: Prior, protocol: Protocol, qoi: str | QoI, n: int, *, key, chunk
         return qs, g  # samples are independent: row i of g is the gradient of q_i
 
     values, grads = [], []
-    for lo in range(0, n, chunk_size):
-        part = theta_all[lo:lo + chunk_size]
-        pad = np.concatenate([part, np.repeat(part[-1:], chunk_size - len(part), axis=0)]) if len(part) < chunk_size \
-            else part
-        qs, g = value_and_grads(jnp.asarray(pad, jnp.float32))
-        values.append(np.asarray(qs)[: len(part)])
-        grads.append(np.asarray(g)[: len(part)])
+    for _, rows, padded in padded_chunks(theta_all, chunk_size):
+        qs, g = value_and_grads(jnp.asarray(padded, jnp.float32))
+        values.append(np.asarray(qs)[:rows])
+        grads.append(np.asarray(g)[:rows])
     rows = dgsm_from_gradients(np.concatenate(grads), np.concatenate(values), prior.lows, prior.highs, prior.names,
                                n_bootstrap=n_bootstrap, seed=_seed(key))
     return [dict(r, qoi=q.name, n_simulations=n) for r in rows]

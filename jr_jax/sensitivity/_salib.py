@@ -123,6 +123,24 @@ def _require_uniform(prior: Prior, what: str) -> None:
                          f"with the bounds you want, not kind={prior.kind!r}")
 
 
+def _scalar_qoi(prior: Prior, qoi: str | QoI, what: str) -> QoI:
+    """The QoI, after checking that it is scalar and the prior uniform (what every global method needs)."""
+    q = get_qoi(qoi)
+    _require_uniform(prior, what)
+    if q.is_vector:
+        raise ValueError(f"{what} takes a scalar QoI" + ("; for the waveform use sobol_waveform" if what == "sobol" else ""))
+    return q
+
+
+def padded_chunks(theta: np.ndarray, chunk_size: int):
+    """``(start, rows, padded)`` per chunk: the last chunk is padded with its last row to
+    ``chunk_size`` so that one compilation serves every chunk."""
+    for lo in range(0, len(theta), chunk_size):
+        part = theta[lo:lo + chunk_size]
+        pad = np.repeat(part[-1:], chunk_size - len(part), axis=0)
+        yield lo, len(part), np.concatenate([part, pad]) if len(pad) else part
+
+
 def erp_model(prior: Prior, protocol: Protocol, qoi: QoI, *, chunk_size: int = 1024, key=None):
     """``theta (M, n_params) -> QoI values`` through the batched simulator, in chunks."""
     times = protocol.times
@@ -131,13 +149,10 @@ def erp_model(prior: Prior, protocol: Protocol, qoi: QoI, *, chunk_size: int = 1
     def model(theta):
         theta = np.asarray(theta, dtype=np.float32)
         out = []
-        for lo in range(0, len(theta), chunk_size):
-            part = theta[lo:lo + chunk_size]
-            pad = np.concatenate([part, np.repeat(part[-1:], chunk_size - len(part), axis=0)]) if len(part) < chunk_size \
-                else part
-            erp = simulate(prior.to_params(jnp.asarray(pad)), protocol, key=key, chunk_size=chunk_size,
+        for lo, rows, padded in padded_chunks(theta, chunk_size):
+            erp = simulate(prior.to_params(jnp.asarray(padded)), protocol, key=key, chunk_size=chunk_size,
                            first_index=lo)
-            out.append(np.asarray(f(erp))[: len(part)])
+            out.append(np.asarray(f(erp))[:rows])
         return np.concatenate(out)
 
     return model
@@ -147,10 +162,7 @@ def sobol(prior: Prior, protocol: Protocol, qoi: str | QoI, n: int, *, key, seco
           chunk_size: int = 1024) -> list[dict]:
     """Sobol' indices of a scalar QoI of the ERP over ``prior`` (n a power of two: n (d + 2) simulations,
     n (2d + 2) with ``second_order``). Rows as :func:`sobol_indices`, plus ``qoi`` and ``n_simulations``."""
-    q = get_qoi(qoi)
-    _require_uniform(prior, "sobol")
-    if q.is_vector:
-        raise ValueError("sobol takes a scalar QoI; for the waveform use sobol_waveform")
+    q = _scalar_qoi(prior, qoi, "sobol")
     rows = sobol_indices(erp_model(prior, protocol, q, chunk_size=chunk_size, key=key), prior.names, prior.lows,
                          prior.highs, n, seed=_seed(key), second_order=second_order)
     d = len(prior.names)
@@ -161,10 +173,7 @@ def sobol(prior: Prior, protocol: Protocol, qoi: str | QoI, n: int, *, key, seco
 def morris(prior: Prior, protocol: Protocol, qoi: str | QoI, n_trajectories: int, *, key, num_levels: int = 4,
            chunk_size: int = 1024) -> list[dict]:
     """Morris screening of a scalar QoI over ``prior``: n_trajectories (d + 1) simulations."""
-    q = get_qoi(qoi)
-    _require_uniform(prior, "morris")
-    if q.is_vector:
-        raise ValueError("morris takes a scalar QoI")
+    q = _scalar_qoi(prior, qoi, "morris")
     rows = morris_indices(erp_model(prior, protocol, q, chunk_size=chunk_size, key=key), prior.names, prior.lows,
                           prior.highs, n_trajectories, seed=_seed(key), num_levels=num_levels)
     return [dict(r, qoi=q.name, n_simulations=n_trajectories * (len(prior.names) + 1)) for r in rows]
