@@ -21,6 +21,12 @@ from ._params import (
     JRParams as JRParams,
     Prior as Prior,
 )
+from ._reproduce import (
+    PRESETS as PRESETS,
+    ReproduceConfig as ReproduceConfig,
+    render_report as render_report,
+    reproduce as reproduce,
+)
 from ._simulate import (
     Protocol as Protocol,
     add_measurement_noise as add_measurement_noise,

@@ -212,6 +212,18 @@ def _sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from ._reproduce import reproduce
+
+    out = args.out or f"jr_jax_out/{args.preset}"
+    try:
+        reproduce(args.preset, out, force=args.force)
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _plot(path: Path, times, erp, theta, names, n_total: int) -> None:
     import matplotlib
 
@@ -251,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     _use_all_cpu_cores()
     parser = argparse.ArgumentParser(prog="jr-jax", description="Jansen-Rit ERPs in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reproduce", help="the study end to end: simulate, train at each noise level, evaluate, "
+                       "sensitivity; writes report.md/.html, results.json, CSV tables and figures")
+    r.add_argument("--preset", choices=["quick", "study", "test"], default="quick",
+                   help="quick: a few minutes on a 2-core CPU (default); study: the study's ten noise levels with "
+                        "1000 simulations each plus a 20 000-simulation model; test: seconds")
+    r.add_argument("--out", default=None, help="output folder (default jr_jax_out/PRESET); an interrupted run in it "
+                   "resumes where it stopped")
+    r.add_argument("--force", action="store_true", help="delete an earlier run with a different configuration at --out")
+    r.set_defaults(func=_reproduce)
     s = sub.add_parser("simulate", help="simulate a dataset of clean ERPs drawn from the prior (zarr) and plot a few")
     s.add_argument("--n", type=int, default=16, help="number of ERPs (default 16)")
     s.add_argument("--out", default="jr_jax_out/erps.zarr", help="dataset path (default jr_jax_out/erps.zarr); "

@@ -7,6 +7,7 @@ from ._gradients import (
     fisher as fisher,
     fisher_from_jacobian as fisher_from_jacobian,
     oat as oat,
+    prior_variances as prior_variances,
 )
 from ._qoi import STANDARD_QOIS as STANDARD_QOIS, QoI as QoI, get_qoi as get_qoi
 from ._salib import (

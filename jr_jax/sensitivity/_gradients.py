@@ -101,6 +101,17 @@ def dgsm(prior: Prior, protocol: Protocol, qoi: str | QoI, n: int, *, key, chunk
     return [dict(r, qoi=q.name, n_simulations=n) for r in rows]
 
 
+def prior_variances(prior: Prior) -> np.ndarray:
+    """Variance of each parameter under ``prior`` ``(n_params,)``: box (b-a)²/12; the normal preset
+    (SD a quarter of the range, truncated at ±2 SD) its truncated-normal variance."""
+    width = prior.highs - prior.lows
+    if prior.kind == "uniform":
+        return width**2 / 12
+    phi2 = math.exp(-2) / math.sqrt(2 * math.pi)
+    z = math.erf(2 / math.sqrt(2))
+    return (width / 4) ** 2 * (1 - 2 * 2 * phi2 / z)
+
+
 def fisher_from_jacobian(jac, noise_variance: float, prior_variances=None) -> dict:
     """Fisher information ``J^T J / σ²`` of y = f(θ) + N(0, σ² I) and what it implies.
 
@@ -144,13 +155,7 @@ def fisher(params: JRParams, protocol: Protocol, snr_db: float, *, prior: Prior 
     if prior is not None:
         if tuple(prior.names) != tuple(names):
             raise ValueError(f"prior names {prior.names} must equal names {tuple(names)}")
-        width = prior.highs - prior.lows
-        if prior.kind == "uniform":
-            prior_var = width**2 / 12
-        else:  # normal with SD width/4 truncated at +-2 SD
-            phi2 = math.exp(-2) / math.sqrt(2 * math.pi)
-            z = math.erf(2 / math.sqrt(2))
-            prior_var = (width / 4) ** 2 * (1 - 2 * 2 * phi2 / z)
+        prior_var = prior_variances(prior)
     out = fisher_from_jacobian(np.asarray(jac), noise_variance, prior_var)
     out.update(names=tuple(names), noise_variance=noise_variance, snr_db=float(snr_db))
     return out
