@@ -133,20 +133,39 @@ def _infer(args: argparse.Namespace) -> int:
     try:
         est = Estimator.load(args.model)
         path = Path(args.erp)
-        if path.suffix == ".npy":
-            erp = np.load(path)
-        elif path.suffix == ".csv":
-            erp = np.loadtxt(path, delimiter=",", ndmin=2)
-            erp = erp[0] if erp.shape[0] == 1 else erp
+        picks = None if args.picks is None else [c.strip() for c in args.picks.split(",") if c.strip()]
+        if path.name.endswith(".fif") or path.name.endswith(".fif.gz"):
+            from .eeg import from_evoked
+
+            if args.fs is not None:
+                raise ValueError("--fs is for .npy/.csv files: an Evoked file states its own rate")
+            condition = int(args.condition) if args.condition.isdigit() else args.condition
+            erp, names = from_evoked(path, picks, estimator=est, condition=condition,
+                                     reference=None if args.reference == "none" else "average", return_ch_names=True)
+            theta = np.atleast_2d(est.predict_array(erp))
+            labels = names if est.n_channels == 1 else [f"{len(names)} channels"]
+        elif path.suffix in (".npy", ".csv"):
+            if args.fs is None:
+                raise ValueError("--fs (Hz) is required for .npy/.csv files")
+            if picks is not None:
+                raise ValueError("--picks is for Evoked (.fif) files")
+            if path.suffix == ".npy":
+                erp = np.load(path)
+            else:
+                erp = np.loadtxt(path, delimiter=",", ndmin=2)
+                erp = erp[0] if erp.shape[0] == 1 else erp
+            theta = np.atleast_2d(est.predict_array(erp, fs=args.fs))
+            labels = [str(i) for i in range(len(theta))]
         else:
-            raise ValueError(f"ERP file must be .npy or .csv (one ERP per row, in mV), got {path.name}")
-        theta = np.atleast_2d(est.predict_array(erp, fs=args.fs))
-    except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"ERP file must be .npy or .csv (one ERP per row, in mV) or an MNE Evoked file "
+                             f"(-ave.fif), got {path.name}")
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("erp  " + " ".join(f"{f'{n} [{u}]':>14s}" for n, u in zip(est.names, est.units)))
-    for i, row in enumerate(theta):
-        print(f"{i:<4d} " + " ".join(f"{v:14.4g}" for v in row))
+    width = max(4, *(len(lab) for lab in labels))
+    print(f"{'erp':<{width}s} " + " ".join(f"{f'{n} [{u}]':>14s}" for n, u in zip(est.names, est.units)))
+    for lab, row in zip(labels, theta):
+        print(f"{lab:<{width}s} " + " ".join(f"{v:14.4g}" for v in row))
     return 0
 
 
@@ -318,10 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_evaluate)
-    f = sub.add_parser("infer", help="estimate the parameters of ERPs in a .npy or .csv file (mV, one per row)")
+    f = sub.add_parser("infer", help="estimate the parameters of ERPs in a .npy or .csv file (mV, one per row) or "
+                       "in an MNE Evoked file (-ave.fif: one row per channel, or one for a multichannel model)")
     f.add_argument("model")
-    f.add_argument("erp")
-    f.add_argument("--fs", type=float, required=True, help="sampling rate of the ERP (Hz); must match the model's")
+    f.add_argument("erp", help=".npy/.csv (mV, one ERP per row) or -ave.fif (MNE Evoked, volts)")
+    f.add_argument("--fs", type=float, default=None,
+                   help=".npy/.csv: sampling rate of the ERP (Hz), must match the model's (required there)")
+    f.add_argument("--picks", default=None, help="-ave.fif: channel names separated by commas (default: all good EEG "
+                   "channels, or the multichannel model's training channels)")
+    f.add_argument("--condition", default="0", help="-ave.fif: which Evoked of the file (index or comment)")
+    f.add_argument("--reference", choices=["average", "none"], default="average",
+                   help="-ave.fif: re-reference to the average of the good EEG channels (default) or keep the file's")
     f.set_defaults(func=_infer)
     a = sub.add_parser("sensitivity", help="Sobol', Morris, DGSM, Fisher or one-at-a-time sensitivity; table + figure")
     a.add_argument("--method", choices=["sobol", "morris", "dgsm", "fisher", "oat"], required=True)
