@@ -24,9 +24,7 @@ import numpy as np
 import jr_jax
 from jr_jax._evaluate import format_table
 
-# Pearson r visible in the reference study's notebooks (transformer, noise factor 1, ~50 dB SNR):
-STUDY_BEST_R = {"A_e": 0.12, "A_i": 0.99, "b_e": 0.54, "b_i": 0.93, "C": 0.17,
-                "a_1": 0.08, "a_2": 0.08, "a_3": 0.08, "a_4": 0.08}
+from jr_jax._reproduce import STUDY_PEARSON as STUDY_BEST_R  # the study's transformer, noise factor 1, ~50 dB
 
 
 def figures(est, ds, rows, out: Path) -> None:

@@ -70,19 +70,21 @@ class ReproduceConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-_ENCODER = dict(hidden=64, layers=1, dropout=0.1, conv_channels=32, conv_kernel=8, conv_stride=8)
+# the study's Bi-LSTM (1 layer, 64 units per direction, dropout 0.1) behind a strided convolution (its
+# CNN-BiLSTM option): 16 ms windows leave 75 LSTM steps, which makes CPU training about 10x faster
+_ENCODER = dict(hidden=64, layers=1, dropout=0.1, conv_channels=32, conv_kernel=16, conv_stride=16)
 
 PRESETS = {
     # a few minutes on a 2-core CPU: enough data that A_i and b_i are clearly recovered
     "quick": ReproduceConfig(
-        preset="quick", n_levels=4000, train_levels_db=(None, 20.0, 10.0, 0.0), test_levels_db=STUDY_LEVELS_DB,
-        grid_epochs=5, grid_patience=5, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=12,
-        robust_patience=12, encoder=_ENCODER, sobol_n=64, fisher_draws=4),
+        preset="quick", n_levels=6000, train_levels_db=(None, 20.0, 10.0, 0.0), test_levels_db=STUDY_LEVELS_DB,
+        grid_epochs=8, grid_patience=8, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=20,
+        robust_patience=20, encoder=_ENCODER, sobol_n=64, fisher_draws=4),
     # the study's design: ten levels, 1000 simulations per level, 80/10/10; plus 20 000 simulations
     "study": ReproduceConfig(
         preset="study", n_levels=1000, train_levels_db=STUDY_LEVELS_DB, test_levels_db=STUDY_LEVELS_DB,
-        grid_epochs=60, grid_patience=15, n_large=20000, robust_snr_db=(0.0, 40.0), robust_epochs=20,
-        robust_patience=20, encoder=_ENCODER, sobol_n=256, fisher_draws=16),
+        grid_epochs=60, grid_patience=15, n_large=20000, robust_snr_db=(0.0, 40.0), robust_epochs=30,
+        robust_patience=30, encoder=_ENCODER, sobol_n=256, fisher_draws=16),
     # seconds: for the tests
     "test": ReproduceConfig(
         preset="test", n_levels=400, train_levels_db=(None, 10.0), test_levels_db=(None, 20.0, 0.0),

@@ -6,7 +6,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
-@pytest.mark.parametrize("name", ["gradient_sensitivity.ipynb", "oat_sweeps.ipynb"])
+@pytest.mark.parametrize("name", ["gradient_sensitivity.ipynb", "oat_sweeps.ipynb", "inference.ipynb"])
 def test_notebook_runs_and_draws(name, tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
@@ -27,4 +27,4 @@ def test_notebook_runs_and_draws(name, tmp_path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "display_data"]
-    assert len(figures) >= (4 if name.startswith("gradient") else 2)
+    assert len(figures) >= dict(gradient_sensitivity=4, oat_sweeps=2, inference=2)[name.removesuffix(".ipynb")]

@@ -1,0 +1,152 @@
+"""`jr-jax reproduce`: end to end on the small test preset, resume without redoing steps, report read from results.json."""
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import jr_jax
+from jr_jax import cli
+from jr_jax._reproduce import PRESETS, STUDY_PEARSON, level_label
+
+SECTIONS = ["Main result", "Accuracy at every noise level", "The study's grid", "Sensitivity",
+            "What differs from the study", "Steps and time"]
+FIGURES = ["erp_examples.png", "scatter.png", "metric_vs_snr.png", "grid.png", "sensitivity.png"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "test"
+    assert cli.main(["reproduce", "--preset", "test", "--out", str(out)]) == 0
+    return out
+
+
+def _table_row(md: str, label: str) -> list[str]:
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_report_has_every_section_with_finite_numbers(run):
+    md = (run / "report.md").read_text()
+    for section in SECTIONS:
+        assert re.search(rf"^## {re.escape(section)}", md, flags=re.M), section
+    for fig in FIGURES:
+        data = (run / "figures" / fig).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, fig  # a drawn figure, not an empty canvas
+        assert f"figures/{fig}" in md
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES) and 'src="figures/' not in page  # self-contained
+    res = json.loads((run / "results.json").read_text())
+    cfg = PRESETS["test"]
+    levels = [None if s is None else float(s) for s in cfg.test_levels_db]
+    assert res["grid"]["test_levels_db"] == levels
+    # every (method, level, parameter) of the network and ridge has finite metrics
+    for part, methods in (("robust", ("jr_jax Bi-LSTM", "ridge", "prior mean")), ("grid", ("jr_jax Bi-LSTM",))):
+        rows = res[part]["rows"]
+        for method in methods:
+            for snr in levels:
+                got = [r for r in rows if r["method"] == method and r["snr_db"] == snr]
+                n_models = len(cfg.train_levels_db) if part == "grid" else 1
+                assert len(got) == 9 * n_models
+                assert all(math.isfinite(r["r2"]) and math.isfinite(r["nrmse"]) for r in got)
+                if method != "prior mean":  # a constant prediction has no correlation
+                    assert all(math.isfinite(r["pearson"]) for r in got)
+    sens = res["sensitivity"]
+    assert np.isfinite([[r["S1"], r["ST"]] for r in sens["sobol"]["rows"]]).all()
+    ceiling = np.asarray(sens["fisher"]["r2_ceiling_median"])
+    assert ceiling.shape == (len([s for s in levels if s is not None]), 9)
+    assert np.all((ceiling >= 0) & (ceiling <= 1))  # 1 - posterior/prior variance lies in [0, 1]
+    # the ceiling cannot fall as the SNR rises (information scales with 1 / noise variance)
+    snrs = sens["fisher"]["snrs_db"]
+    order = np.argsort(snrs)
+    assert np.all(np.diff(ceiling[order], axis=0) >= -1e-12)
+    meta = res["meta"]
+    assert meta["versions"]["jax"] and meta["device"]["platform"] == "cpu" and meta["seconds_all_steps"] > 0
+    # the trained estimator is usable from code
+    est = jr_jax.Estimator.load(run / "models" / "robust")
+    ds = jr_jax.load_dataset(run / "data" / "levels.zarr")
+    theta = est.predict_array(np.asarray(ds.erp[:3]))
+    assert theta.shape == (3, 9) and np.all((theta >= est.lows - 1e-3 * (est.highs - est.lows)))
+
+
+def test_report_numbers_are_read_from_results_json(run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    res = json.loads((out / "results.json").read_text())
+    names = res["meta"]["prior"]["names"]
+    snr = 30.0 if 30.0 in res["grid"]["test_levels_db"] else 20.0
+    md = (out / "report.md").read_text()
+    row = _table_row(md, "jr_jax Pearson r")
+    expect = [next(r["pearson"] for r in res["robust"]["rows"] if r["method"] == "jr_jax Bi-LSTM"
+                   and r["snr_db"] == snr and r["parameter"] == p) for p in names]
+    assert row == [f"{v:.2f}" for v in expect]
+    assert _table_row(md, "study's best Pearson r (~50 dB)") == [f"{STUDY_PEARSON[p]:.2f}" for p in names]
+    # change one number in results.json: the re-rendered report shows it
+    for r in res["robust"]["rows"]:
+        if r["method"] == "jr_jax Bi-LSTM" and r["snr_db"] == snr and r["parameter"] == "b_i":
+            r["pearson"] = 0.987654
+    (out / "results.json").write_text(json.dumps(res))
+    jr_jax.render_report(out)
+    row = _table_row((out / "report.md").read_text(), "jr_jax Pearson r")
+    assert row[names.index("b_i")] == "0.99"
+    assert ">0.99<" in (out / "report.html").read_text()
+
+
+def test_rerun_resumes_without_redoing_finished_steps(run, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    shutil.copytree(run, out)
+    before = json.loads((out / "results.json").read_text())
+    # as if the run had stopped after training the robust model: its evaluation and the sensitivity are missing
+    (out / "steps" / "evaluate_robust.json").unlink()
+    (out / "steps" / "sensitivity.json").unlink()
+    (out / "results.json").unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished training step was run again")
+
+    monkeypatch.setattr("jr_jax._train.train", no_training)
+    monkeypatch.setattr("jr_jax._data.make_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("resimulated")))
+    res = jr_jax.reproduce("test", out, progress=False, log=lambda msg: None)
+    assert res["meta"]["steps_run_now"] == ["evaluate_robust", "sensitivity"]
+    # the redone steps give the same numbers (fixed seeds)
+    key = lambda r: (r["method"], r["snr_db"], r["parameter"])  # noqa: E731
+    old = {key(r): r["r2"] for r in before["robust"]["rows"]}
+    for r in res["robust"]["rows"]:
+        assert r["r2"] == pytest.approx(old[key(r)], abs=1e-6)
+
+
+def test_interrupted_step_leaves_no_marker(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("jr_jax._train.train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        jr_jax.reproduce("test", out, progress=False, log=lambda msg: None)
+    done = sorted(p.stem for p in (out / "steps").glob("*.json"))
+    assert done == ["data_levels"]  # the simulation finished; the interrupted training left nothing behind
+    assert not (out / "results.json").exists()
+
+
+def test_other_configuration_or_foreign_folder_is_refused(run, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(run, out)
+    import dataclasses
+
+    changed = dataclasses.replace(PRESETS["test"], n_levels=500, seed=3)
+    with pytest.raises(ValueError, match=r"differs in: n_levels, seed"):
+        jr_jax.reproduce(changed, out, progress=False, log=lambda msg: None)
+    assert (out / "results.json").exists()  # nothing was deleted
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a jr_jax reproduce folder"):
+        jr_jax.reproduce("test", foreign, progress=False, log=lambda msg: None)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="preset must be one of"):
+        jr_jax.reproduce("fast", tmp_path / "x")
+    assert level_label(None) == "clean" and level_label(20.0) == "20 dB"
