@@ -189,7 +189,7 @@ def _check_out(out: Path, config: ReproduceConfig, force: bool) -> None:
 
 
 def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = "jr_jax_out/quick", *,
-              force: bool = False, progress: bool = True, log=print) -> dict:
+              force: bool = False, scheduler: str | None = None, progress: bool = True, log=print) -> dict:
     """Run the study end to end into ``out`` and write its report; returns the results dict.
 
     ``preset``: ``"quick"`` (a few minutes on a 2-core CPU), ``"study"`` (the study's ten noise
@@ -197,7 +197,8 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
     ``"test"`` (seconds), or a :class:`ReproduceConfig`. Steps (datasets, one training per noise
     level, evaluations, sensitivity) are cached under ``out``: running the same call again after an
     interruption continues where it stopped. A folder holding a different configuration is refused
-    unless ``force=True``, which deletes it first.
+    unless ``force=True``, which deletes it first. ``scheduler``: simulate the datasets with Dask
+    (``"local"`` or a scheduler address, as in :func:`jr_jax.make_dataset`; the data are the same).
     """
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -230,7 +231,7 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
     def data_step(name, n, index):
         def run():
             ds = make_dataset(prior, protocol, n, out / "data" / f"{name}.zarr", key=jax.random.fold_in(key, index),
-                              chunk_size=1000, split_seed=config.seed, progress=progress)
+                              chunk_size=1000, split_seed=config.seed, scheduler=scheduler, progress=progress)
             split = ds.split()
             return dict(path=str(ds.path), n=ds.n, n_valid=ds.n_valid(), train=len(split.train), val=len(split.val),
                         test=len(split.test), simulate_seconds=ds.last_run["seconds"])

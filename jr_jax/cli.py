@@ -236,7 +236,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     out = args.out or f"jr_jax_out/{args.preset}"
     try:
-        reproduce(args.preset, out, force=args.force)
+        reproduce(args.preset, out, force=args.force, scheduler=args.scheduler)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=None, help="output folder (default jr_jax_out/PRESET); an interrupted run in it "
                    "resumes where it stopped")
     r.add_argument("--force", action="store_true", help="delete an earlier run with a different configuration at --out")
+    r.add_argument("--scheduler", default=None, help="simulate the datasets with Dask: 'local' or a scheduler address")
     r.set_defaults(func=_reproduce)
     s = sub.add_parser("simulate", help="simulate a dataset of clean ERPs drawn from the prior (zarr) and plot a few")
     s.add_argument("--n", type=int, default=16, help="number of ERPs (default 16)")
