@@ -193,17 +193,18 @@ def multichannel_table() -> str:
            f"({enc['hidden']} units), {d['epochs']} epochs on SNRs drawn in [{d['train_snr_db'][0]:g}, "
            f"{d['train_snr_db'][1]:g}] dB; training "
            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in d["train_s"].items()) + "."]
-    combos = list(dict.fromkeys((r["model"], r["noise"]) for r in rows))
-    combos.sort(key=lambda mn: (mn[1] != "white", combos.index(mn)))
+    seen = list(dict.fromkeys((r["model"], r["noise"]) for r in rows))
+    combos = sorted(seen, key=lambda mn: (mn[1] != "white", seen.index(mn)))  # white noise first
     for metric, label in (("pearson", "Pearson r"), ("r2", "R²")):
         out += ["", f"| {label} | noise | SNR | " + " | ".join(names) + " | mean |",
                 "| --- | --- | --- |" + " --- |" * (len(names) + 1)]
         for model, noise in combos:
+            escaped = model.replace("|", "\\|")  # a pipe in a label would split the table cell
             for snr in d["test_snrs"]:
                 vals = {r["parameter"]: r[metric] for r in rows
                         if r["model"] == model and r["noise"] == noise and r["snr_db"] == snr}
                 if vals:
-                    out.append(f"| {model} | {noise if snr is not None else ''} | "
+                    out.append(f"| {escaped} | {noise if snr is not None else ''} | "
                                f"{'clean' if snr is None else f'{snr:g} dB'} | "
                                + " | ".join(f"{vals[n]:.2f}" for n in names)
                                + f" | {sum(vals.values()) / len(vals):.2f} |")

@@ -157,6 +157,19 @@ def test_from_evoked_resamples_and_interpolates_onto_the_model_grid():
     np.testing.assert_allclose(x, exact, rtol=0, atol=5e-3 * np.abs(exact).max())
 
 
+def test_source_channel_round_trip():
+    """A source-level ERP (no lead field) goes out as one misc channel and comes back unchanged: no
+    EEG reference or volt-scale check applies to it; float32 storage bounds the error (1e-6)."""
+    erp = np.asarray(jr_jax.simulate(jr_jax.JRParams(), PROTOCOL))
+    ev = eeg.to_evoked(erp, PROTOCOL)
+    assert ev.ch_names == ["source"] and ev.get_channel_types() == ["misc"] and ev.nave == 1
+    x = eeg.from_evoked(ev, fs=PROTOCOL.fs, tmin=PROTOCOL.tmin, tmax=PROTOCOL.tmax)
+    assert x.shape == (PROTOCOL.n_times, 1)
+    np.testing.assert_allclose(x[:, 0], erp, rtol=0, atol=1e-6 * np.abs(erp).max())
+    with pytest.raises(ValueError, match=r"expected \(101, 3\)"):
+        eeg.to_evoked(np.zeros((101, 2)), PROTOCOL, ch_names=["Cz", "Pz", "Fz"])
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Eight channels of the default lead field; a multichannel model and a single-channel model
