@@ -35,6 +35,7 @@ def _is_integer_multiple(x: float, unit: float) -> bool:
 def _to_lead_field(value):
     if value is None:
         return None
+    value = getattr(value, "gain", value)  # a jr_jax.eeg.LeadField
     return tuple(float(v) for v in np.asarray(value, dtype=float).ravel())
 
 
@@ -54,8 +55,8 @@ class Protocol(eqx.Module):
       clean (baseline-corrected) ERP over the noise variance; ``None`` for none. This equals
       per-trial sensor noise of ``sqrt(n_trials)`` times the SD averaged over the trials;
     - ``noise_color``: ``"white"`` or ``"pink"`` (power spectral density ~ 1/f);
-    - ``lead_field``: gains from the source (mV) to each of ``n_channels`` sensors; ``None`` keeps
-      the single source channel y1 - y2.
+    - ``lead_field``: gains from the source (mV) to each of ``n_channels`` sensors (a vector, or a
+      :func:`jr_jax.eeg.leadfield` result); ``None`` keeps the single source channel y1 - y2.
     """
 
     stimulus: Stimulus = eqx.field(static=True, default_factory=Stimulus)

@@ -173,3 +173,23 @@ def test_fisher_has_the_c_ak_scaling_direction_in_its_null_space():
     info = out["information"]
     assert abs(v @ info @ v) / (np.linalg.norm(v) ** 2 * out["eigenvalues"][-1]) < 1e-12
     assert out["eigenvalues"][0] / out["eigenvalues"][-1] < 1e-12
+
+
+def test_a_i_enters_only_with_a_4_c_except_through_the_stimulus():
+    """dy5 holds A_i only in the product A_i a_4 C (and A_i times the stimulus where the stimulus
+    enters dy5). Scaling A_i by λ and a_4 by 1/λ therefore leaves the ERP unchanged when the stimulus
+    drives p(t) only (default Stimulus), and changes it with the study's pattern, which adds the
+    pulse to the dy5 bracket. float64; tolerance 1e-9 relative to the ERP's peak (rounding of the
+    product over 2000 solver steps is ~1e-13)."""
+    base = dict(A_i=30.0, a_4=0.3)
+    scaled = dict(A_i=30.0 * 1.7, a_4=0.3 / 1.7)
+    with jax.enable_x64(True):
+        for stimulus, same in ((jr_jax.Stimulus(), True), (jr_jax.Stimulus.study(), False)):
+            protocol = jr_jax.Protocol(stimulus=stimulus, n_trials=1)
+            e0, e1 = (np.asarray(jr_jax.simulate(jr_jax.JRParams(**kw).astype(jnp.float64), protocol))
+                      for kw in (base, scaled))
+            rel = np.abs(e1 - e0).max() / np.abs(e0).max()
+            if same:
+                assert rel < 1e-9
+            else:
+                assert rel > 1e-2  # the stimulus term separates A_i from a_4 C
