@@ -2,8 +2,10 @@
 
 Both: one bidirectional LSTM layer of 64 units per direction on (batch 32, 1201 time steps, 1
 channel), dropout 0.1, a linear head to 9 outputs on the final states, MSE loss, Adam; torch on 2
-threads (`torch.set_num_threads(2)`). Measured: samples/s of full training steps (forward,
-backward, update), compile/warm-up apart. torch is a benchmark-only dependency:
+threads (`torch.set_num_threads(2)`). jr_jax is measured on one device and with the batch split
+over one host device per core (what `jr_jax.train` does when the `jr-jax` command has set up the
+devices; both use the same two cores as torch). Measured: samples/s of full training steps
+(forward, backward, update), compile/warm-up apart. torch is a benchmark-only dependency:
 `pip install torch==2.13.0`. Writes JSON.
 
     python benchmarks/train.py [--steps 10] [--out benchmarks/results/train.json]
@@ -11,37 +13,45 @@ backward, update), compile/warm-up apart. torch is a benchmark-only dependency:
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# one JAX host device per core (read when JAX initialises its backend, so before any computation)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
-from jr_jax._nn import BiLSTM
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from jr_jax._nn import BiLSTM  # noqa: E402
+from jr_jax._train import _data_parallel  # noqa: E402
 
 B, T, C, H, OUT = 32, 1201, 1, 64, 9
 
 
-def jax_rate(steps, **options):
+def jax_rate(steps, *, split_batch=False, **options):
     model = BiLSTM(C, OUT, hidden=H, **options, key=jax.random.key(0))
     opt = optax.adam(1e-3)
     state = opt.init(eqx.filter(model, eqx.is_array))
+    put = jnp.asarray
+    if split_batch:
+        put, model, state = _data_parallel(B, model, state)
 
     @eqx.filter_jit
     def step(model, state, x, y, key):
         def loss(m):
-            keys = jax.random.split(key, x.shape[0])
-            return jnp.mean((jax.vmap(lambda xi, k: m(xi, key=k))(x, keys) - y) ** 2)
+            return jnp.mean((m.batch(x, keys=jax.random.split(key, x.shape[0])) - y) ** 2)
 
         value, grads = eqx.filter_value_and_grad(loss)(model)
         updates, state = opt.update(grads, state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), state, value
 
-    x = jax.random.normal(jax.random.key(1), (B, T, C))
-    y = jnp.zeros((B, OUT))
+    x = put(np.asarray(jax.random.normal(jax.random.key(1), (B, T, C))))
+    y = put(np.zeros((B, OUT), np.float32))
     t = time.perf_counter()
     model, state, value = step(model, state, x, y, jax.random.key(2))
     jax.block_until_ready(value)
@@ -93,18 +103,25 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/train.json")
     args = ap.parse_args()
-    jax_sps, compile_s = jax_rate(args.steps)
+    n_dev = len(jax.local_devices())
+    one_sps, compile_s = jax_rate(args.steps)
+    split_sps, split_compile_s = jax_rate(args.steps, split_batch=True)
     torch_sps, torch_version = torch_rate(args.steps)
-    conv_sps, _ = jax_rate(args.steps, conv_channels=16, conv_kernel=8, conv_stride=4)
-    ratio = jax_sps / torch_sps
+    conv_sps, _ = jax_rate(args.steps, split_batch=True, conv_channels=16, conv_kernel=8, conv_stride=4)
+    ratio = split_sps / torch_sps
     print(f"batch {B} x {T} steps x {C} channel, LSTM {H} units per direction, bidirectional, 1 layer")
-    print(f"Equinox Bi-LSTM (jr_jax)   {jax_sps:7.1f} samples/s   (compile {compile_s:.1f} s)")
-    print(f"torch.nn.LSTM {torch_version:8s}  {torch_sps:7.1f} samples/s   (2 threads)")
-    print(f"ratio jr_jax / torch       {ratio:7.2f}   (target >= 1.0, aim 2.0)")
-    print(f"jr_jax with a stride-4 Conv1d front-end (16 channels): {conv_sps:.1f} samples/s")
-    result = dict(batch=B, time_steps=T, hidden=H, jax_samples_per_s=jax_sps, torch_samples_per_s=torch_sps,
-                  ratio=ratio, target=1.0, met=ratio >= 1.0, jax_compile_s=compile_s, torch=torch_version,
-                  jax=jax.__version__, conv_frontend_samples_per_s=conv_sps, numpy=np.__version__)
+    print(f"Equinox Bi-LSTM (jr_jax), one device            {one_sps:7.1f} samples/s   (compile {compile_s:.1f} s)")
+    print(f"Equinox Bi-LSTM (jr_jax), batch over {n_dev} devices   {split_sps:7.1f} samples/s   "
+          f"(compile {split_compile_s:.1f} s)")
+    print(f"torch.nn.LSTM {torch_version:8s} (2 threads)          {torch_sps:7.1f} samples/s")
+    print(f"ratio jr_jax ({n_dev} devices) / torch              {ratio:7.2f}   (target >= 1.0, aim 2.0); "
+          f"one device: {one_sps / torch_sps:.2f}")
+    print(f"jr_jax with a stride-4 Conv1d front-end (16 channels), {n_dev} devices: {conv_sps:.1f} samples/s")
+    result = dict(batch=B, time_steps=T, hidden=H, devices=n_dev, jax_one_device_samples_per_s=one_sps,
+                  jax_samples_per_s=split_sps, torch_samples_per_s=torch_sps, ratio=ratio,
+                  ratio_one_device=one_sps / torch_sps, target=1.0, met=ratio >= 1.0, jax_compile_s=compile_s,
+                  torch=torch_version, jax=jax.__version__, conv_frontend_samples_per_s=conv_sps,
+                  numpy=np.__version__)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

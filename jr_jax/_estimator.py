@@ -69,7 +69,7 @@ class Estimator(eqx.Module):
     def scaled_output(self, x: jax.Array) -> jax.Array:
         """Network output for a batch of ERPs ``(B, n_times, n_channels)`` in mV, targets in [0, 1] units."""
         x = scale_input(x, self.x_mean, self.x_std)
-        return jax.vmap(lambda xi: self.encoder(xi, inference=True))(x)
+        return self.encoder.batch(x, inference=True)
 
     def _check(self, erp, fs) -> np.ndarray:
         if fs is not None and not np.isclose(float(fs), self.manifest["fs"]):

@@ -176,8 +176,7 @@ def add_noise_batch(erp, key, snr, color="white"):
 
 def _loss(model, x_mean, x_std, erp, y, key, snr, color, dropout_key):
     x = scale_input(add_noise_batch(erp, key, snr, color), x_mean, x_std)
-    keys = jax.random.split(dropout_key, x.shape[0])
-    pred = jax.vmap(lambda xi, k: model(xi, key=k))(x, keys)
+    pred = model.batch(x, keys=jax.random.split(dropout_key, x.shape[0]))
     return jnp.mean((pred - y) ** 2)
 
 
@@ -213,6 +212,8 @@ def train(
       ``patience`` epochs; the best weights are returned.
     - ``checkpoint_dir``: state saved after every epoch; calling again with the same arguments
       resumes where the last run stopped.
+    - Several local devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` on a CPU, as the
+      ``jr-jax`` command sets up with one per core): each batch is split over them.
 
     Returns the :class:`Estimator` and the history (one dict per epoch).
     """
@@ -255,7 +256,7 @@ def train(
 
     @eqx.filter_jit
     def val_loss(model, x, y):
-        pred = jax.vmap(lambda xi: model(scale_input(xi, x_mean, x_std), inference=True))(x)
+        pred = model.batch(scale_input(x, x_mean, x_std), inference=True)
         return jnp.mean((pred - y) ** 2)
 
     import hashlib
@@ -275,6 +276,7 @@ def train(
             raise ValueError(f"{ckpt} holds a checkpoint of a different training run; use another checkpoint_dir")
         model, opt_state, best_model = eqx.tree_deserialise_leaves(ckpt / "checkpoint.eqx", (model, opt_state, model))
         state = saved["state"]
+    put_batch, model, opt_state = _data_parallel(batch_size, model, opt_state)
 
     bar = None
     if progress:
@@ -289,7 +291,7 @@ def train(
             k_epoch = jax.random.fold_in(k_train, epoch)
             for b, (theta, erp) in enumerate(data.batches(epoch, batch_size, seed)):
                 y = (theta - lows) / (highs - lows)
-                model, opt_state, loss = step(model, opt_state, jnp.asarray(erp), jnp.asarray(y),
+                model, opt_state, loss = step(model, opt_state, put_batch(erp), put_batch(y),
                                               jax.random.fold_in(k_epoch, b))
                 total, count = total + float(loss), count + 1
             if count == 0:
@@ -333,4 +335,22 @@ def train(
         versions=dict(jr_jax=__version__, jax=jax.__version__, equinox=eqx.__version__, optax=optax.__version__,
                       diffrax=diffrax.__version__),
     )
+    best_model = jax.tree_util.tree_map(lambda a: jax.device_put(a, jax.local_devices()[0]) if eqx.is_array(a) else a,
+                                        best_model)
     return Estimator(best_model, x_mean, x_std, manifest), state["history"]
+
+
+def _data_parallel(batch_size: int, model, opt_state):
+    """With several local devices (e.g. one host device per CPU core, as the ``jr-jax`` command sets
+    up) and a batch size they divide: each batch split over the devices, the model and optimiser
+    state replicated; XLA sums the gradients across devices. Otherwise one device."""
+    devices = jax.local_devices()
+    if len(devices) < 2 or batch_size % len(devices):
+        return jnp.asarray, model, opt_state
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices), ("batch",))
+    split, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
+    replicate = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: jax.device_put(a, replicated) if eqx.is_array(a) else a, tree)
+    return (lambda a: jax.device_put(np.asarray(a), split)), replicate(model), replicate(opt_state)
