@@ -5,7 +5,7 @@ Design (the study's, with consistent units): the study's truncated-normal prior 
 parameters, its stimulus pattern, 60-trial ERPs without intrinsic noise, measurement noise added
 to the averaged ERP at training time (one noise-robust model trained on SNRs drawn uniformly in
 [0, 40] dB) and at test time (each SNR in turn). Split 80/10/10 by the dataset's seed.
-On a 2-core CPU the full-length Bi-LSTM trains at about 90 samples/s, so this script uses the
+On a 2-core CPU the full-length Bi-LSTM trains at about 110-140 samples/s, so this script uses the
 strided-convolution front-end (the study's CNN-BiLSTM option) by default. Writes JSON and CSV.
 
     python benchmarks/recovery.py [--n 12000] [--epochs 15] [--out benchmarks/results/recovery]

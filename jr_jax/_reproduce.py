@@ -77,9 +77,9 @@ _ENCODER = dict(hidden=64, layers=1, dropout=0.1, conv_channels=32, conv_kernel=
 PRESETS = {
     # a few minutes on a 2-core CPU: enough data that A_i and b_i are clearly recovered
     "quick": ReproduceConfig(
-        preset="quick", n_levels=6000, train_levels_db=(None, 20.0, 10.0, 0.0), test_levels_db=STUDY_LEVELS_DB,
-        grid_epochs=8, grid_patience=8, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=20,
-        robust_patience=20, encoder=_ENCODER, sobol_n=64, fisher_draws=4),
+        preset="quick", n_levels=10000, train_levels_db=(None, 20.0, 10.0, 0.0), test_levels_db=STUDY_LEVELS_DB,
+        grid_epochs=8, grid_patience=8, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=25,
+        robust_patience=25, encoder=_ENCODER, sobol_n=64, fisher_draws=4),
     # the study's design: ten levels, 1000 simulations per level, 80/10/10; plus 20 000 simulations
     "study": ReproduceConfig(
         preset="study", n_levels=1000, train_levels_db=STUDY_LEVELS_DB, test_levels_db=STUDY_LEVELS_DB,
