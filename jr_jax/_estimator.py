@@ -15,6 +15,9 @@ from ._nn import build_encoder
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.eqx"
+# predict refuses an ERP whose RMS lies more than this factor outside the range seen in training
+# (the 0.1th percentile to the maximum): the network has never seen such amplitudes
+SCALE_MARGIN = 10.0
 
 
 def scale_input(erp, x_mean, x_std):
@@ -90,11 +93,12 @@ class Estimator(eqx.Module):
             raise ValueError(f"erp has NaN or infinite values in sample(s) {np.flatnonzero(bad)[:10].tolist()}")
         rms = np.sqrt((x**2).mean(axis=(1, 2)))
         lo, hi = self.manifest["rms_range_mv"]
-        wrong = (rms < lo * 1e-3) | (rms > hi * 1e3)
+        wrong = (rms < lo / SCALE_MARGIN) | (rms > hi * SCALE_MARGIN)
         if wrong.any():
             i = int(np.flatnonzero(wrong)[0])
-            raise ValueError(f"erp sample {i} has RMS {rms[i]:.3g}, far outside the {lo:.3g}..{hi:.3g} mV seen in "
-                             "training: jr_jax ERPs are in mV (volts from MNE must be multiplied by 1e3)")
+            raise ValueError(f"erp sample {i} has RMS {rms[i]:.3g}, more than {SCALE_MARGIN:g}x outside the "
+                             f"{lo:.3g}..{hi:.3g} mV seen in training: jr_jax ERPs are in mV (volts from MNE must be "
+                             "multiplied by 1e3; jr_jax.eeg.from_evoked does it)")
         return x
 
     def predict_array(self, erp, *, fs: float | None = None) -> np.ndarray:

@@ -46,8 +46,12 @@ def evaluate(
     """
     if tuple(estimator.names) != tuple(dataset.names):
         raise ValueError(f"estimator parameters {estimator.names} differ from the dataset's {dataset.names}")
-    if estimator.n_times != dataset.protocol.n_times or not np.isclose(estimator.manifest["fs"], dataset.protocol.fs):
-        raise ValueError("the dataset's sampling (fs, epoch window) differs from the estimator's")
+    m, p = estimator.manifest, dataset.protocol
+    trained = (float(m["fs"]), float(m["tmin"]), estimator.n_times, bool(m.get("baseline", True)))
+    given = (float(p.fs), float(p.tmin), int(p.n_times), bool(p.baseline))
+    if not (np.allclose(trained[:2], given[:2]) and trained[2:] == given[2:]):
+        raise ValueError(f"the dataset's ERPs (fs, tmin, n_times, baseline) = {given} differ from the estimator's "
+                         f"{trained}")
     split = dataset.split()
     theta_test, erp_test = _load_rows(dataset, split.test)
     if baselines:

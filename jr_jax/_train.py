@@ -48,6 +48,7 @@ class TrainingData:
     rms_range_mv: tuple[float, float]
     n_train: int | None  # None: unlimited (simulated on the fly)
     info: dict = field(default_factory=dict)
+    baseline: bool = True  # the ERPs had their pre-stimulus mean subtracted (Protocol.baseline)
 
     @property
     def n_times(self) -> int:
@@ -85,12 +86,15 @@ class TrainingData:
         return cls(batches, val_theta, val_erp, ds.names, ds.units, ds.prior.lows, ds.prior.highs, p.fs, p.tmin,
                    p.tmax, p.n_trials, mean, std, rms, len(split.train),
                    info=dict(source=str(ds.path), n_train=len(split.train), n_val=len(split.val),
-                             n_invalid=split.n_invalid))
+                             n_invalid=split.n_invalid), baseline=bool(p.baseline))
 
     @classmethod
     def from_arrays(cls, theta, erp, *, names, lows, highs, fs, tmin=0.0, units=None, n_trials=1,
-                    val_fraction=0.1, seed=0) -> "TrainingData":
-        """In-memory samples ``theta (N, n_params)``, ``erp (N, n_times[, n_channels])``, split by ``seed``."""
+                    val_fraction=0.1, seed=0, baseline=True) -> "TrainingData":
+        """In-memory samples ``theta (N, n_params)``, ``erp (N, n_times[, n_channels])``, split by ``seed``.
+
+        ``baseline``: whether the ERPs had their pre-stimulus mean subtracted (recorded in the manifest,
+        so that :func:`jr_jax.eeg.from_evoked` prepares recordings the same way)."""
         theta, erp = np.asarray(theta, np.float32), _with_channels(np.asarray(erp, np.float32))
         if theta.ndim != 2 or len(theta) != len(erp):
             raise ValueError(f"theta must be (N, n_params) matching erp's N; got {theta.shape} and {erp.shape}")
@@ -111,7 +115,8 @@ class TrainingData:
         return cls(batches, theta[val], erp[val], tuple(names), tuple(units or ("",) * len(names)),
                    np.asarray(lows, float), np.asarray(highs, float), float(fs), float(tmin),
                    float(tmin + (n_times - 1) / fs), int(n_trials), mean, std, rms, len(tr),
-                   info=dict(source="arrays", n_train=len(tr), n_val=len(val), n_invalid=int((~ok).sum())))
+                   info=dict(source="arrays", n_train=len(tr), n_val=len(val), n_invalid=int((~ok).sum())),
+                   baseline=bool(baseline))
 
     @classmethod
     def on_the_fly(cls, prior: Prior, protocol: Protocol, *, key, n_val: int = 512,
@@ -140,7 +145,8 @@ class TrainingData:
 
         return cls(batches, theta_val, erp_val, prior.names, prior.units, prior.lows, prior.highs, protocol.fs,
                    protocol.tmin, protocol.tmax, protocol.n_trials, mean, std, rms, None,
-                   info=dict(source="simulated on the fly", batches_per_epoch=batches_per_epoch, n_val=len(theta_val)))
+                   info=dict(source="simulated on the fly", batches_per_epoch=batches_per_epoch, n_val=len(theta_val)),
+                   baseline=bool(protocol.baseline))
 
 
 def _with_channels(erp: np.ndarray) -> np.ndarray:
@@ -242,7 +248,8 @@ def train(
 
     lr = learning_rate
     if schedule == "cosine":
-        steps = epochs * (data.n_train // batch_size if data.n_train else 100)
+        per_epoch = data.n_train // batch_size if data.n_train else data.info["batches_per_epoch"]
+        steps = epochs * per_epoch
         lr = optax.cosine_decay_schedule(learning_rate, max(steps, 1))
     optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(lr))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -327,7 +334,8 @@ def train(
         encoder=best_model.config,
         names=list(data.names), units=list(data.units), lows=lows.tolist(), highs=highs.tolist(),
         fs=data.fs, tmin=data.tmin, tmax=data.tmax, n_times=data.n_times, n_channels=data.n_channels,
-        n_trials=data.n_trials, snr_db=None if snr is None else list(snr), noise_color=noise_color,
+        n_trials=data.n_trials, baseline=data.baseline, snr_db=None if snr is None else list(snr),
+        noise_color=noise_color,
         rms_range_mv=list(data.rms_range_mv), data=data.info,
         training=dict(epochs=state["epoch"], best_val_loss=state["best"], batch_size=batch_size,
                       learning_rate=learning_rate, schedule=schedule, clip_norm=clip_norm, patience=patience,

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                        "sensitivity; writes report.md/.html, results.json, CSV tables and figures")
     r.add_argument("--preset", choices=["quick", "study", "test"], default="quick",
                    help="quick: a few minutes on a 2-core CPU (default); study: the study's ten noise levels with "
-                        "1000 simulations each plus a 20 000-simulation model; test: seconds")
+                        "1000 simulations each plus a 50 000-simulation model; test: seconds")
     r.add_argument("--out", default=None, help="output folder (default jr_jax_out/PRESET); an interrupted run in it "
                    "resumes where it stopped")
     r.add_argument("--force", action="store_true", help="delete an earlier run with a different configuration at --out")

@@ -136,6 +136,13 @@ def test_sensor_noise_has_the_covariance_and_snr():
     np.testing.assert_allclose(a1, a2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pass ch_names"):
         eeg.add_sensor_noise(erp, 0.0, key=jax.random.key(2), cov=cov)
+    # a diagonal mne.Covariance holds variances as a vector: the same noise as per-channel SDs
+    variances = np.diag(sigma)[order]
+    diag_cov = mne.Covariance(variances, [names[i] for i in order], [], [], n)
+    assert diag_cov["diag"]
+    d1 = eeg.add_sensor_noise(erp, 0.0, key=jax.random.key(2), cov=diag_cov, ch_names=names)
+    d2 = eeg.add_sensor_noise(erp, 0.0, key=jax.random.key(2), cov=np.sqrt(np.diag(sigma)))
+    np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="positive semi-definite"):
         eeg.add_sensor_noise(erp, 0.0, key=jax.random.key(2), cov=-np.eye(c))
 
@@ -155,6 +162,25 @@ def test_from_evoked_resamples_and_interpolates_onto_the_model_grid():
     exact -= exact[:25].mean(axis=0)  # baseline over tmin <= t < 0: 25 samples
     assert x.shape == (PROTOCOL.n_times, 2)
     np.testing.assert_allclose(x, exact, rtol=0, atol=5e-3 * np.abs(exact).max())
+
+
+def test_from_evoked_baseline_follows_the_training_erps(models):
+    """A constant 3 µV offset: removed when the model's ERPs were baseline-corrected (the default),
+    kept when they were not (protocol or estimator manifest with baseline=False)."""
+    d, erp, lf, protocol = models
+    ev = mne.read_evokeds(d / "sim-ave.fif", condition=0, verbose=False)
+    ev.data += 3e-6
+    corrected = eeg.from_evoked(ev, protocol=protocol, reference=None)
+    raw = eeg.from_evoked(ev, protocol=protocol.replace(baseline=False), reference=None)
+    n_pre = int(round(-protocol.tmin * protocol.fs))
+    np.testing.assert_allclose(corrected[:n_pre].mean(axis=0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(raw - corrected, np.broadcast_to(raw[:n_pre].mean(axis=0), raw.shape), atol=1e-9)
+    np.testing.assert_allclose(raw[:n_pre].mean(axis=0) - erp[0][:n_pre].mean(axis=0), 3e-3, rtol=1e-4)
+    multi = jr_jax.Estimator.load(d / "multi")
+    assert multi.manifest["baseline"] is True
+    np.testing.assert_allclose(eeg.from_evoked(ev, estimator=multi, reference=None), corrected, atol=1e-9)
+    multi.manifest["baseline"] = False
+    np.testing.assert_allclose(eeg.from_evoked(ev, estimator=multi, reference=None), raw, atol=1e-9)
 
 
 def test_source_channel_round_trip():

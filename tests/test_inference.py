@@ -106,6 +106,8 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
         (np.zeros((3, 100, 2)), {}, r"\(N, n_times, 1\)"),
         (np.full(100, np.nan), {}, "NaN"),
         (np.sin(np.arange(100)) * 1e-7, {}, "in mV"),
+        (_oscillators(1, seed=4)[1][0] * 1e-3, {}, "in mV"),  # a training-like ERP in V, not mV
+        (_oscillators(1, seed=4)[1][0] * 1e3, {}, "in mV"),  # ... in µV
         (np.sin(np.arange(100)), dict(fs=250.0), "fs=250.0 Hz"),
     ],
 )

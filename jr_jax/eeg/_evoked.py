@@ -97,7 +97,7 @@ def from_evoked(
     tmax: float | None = None,
     condition=0,
     reference: str | None = "average",
-    baseline: bool = True,
+    baseline: bool | None = None,
     return_ch_names: bool = False,
 ):
     """An ``mne.Evoked`` (or the path of a ``-ave.fif`` file) as ERPs in mV on the model's time grid.
@@ -109,8 +109,9 @@ def from_evoked(
     estimator's training channels for a multichannel estimator (``manifest["data"]["ch_names"]``),
     else all good EEG channels); resampled to ``fs`` (``Evoked.resample``; a lower recording rate is
     an error: it cannot be upsampled); cropped to ``tmin..tmax`` (cubic interpolation onto the grid
-    if the recording's samples are offset from it); volts to mV; baseline over ``tmin <= t < 0``
-    subtracted (as in training). ``condition``: which Evoked of a file (index or comment).
+    if the recording's samples are offset from it); volts to mV; the mean over ``tmin <= t < 0``
+    subtracted if ``baseline`` (default: as the estimator's training ERPs, or the protocol's
+    ``baseline``; else True). ``condition``: which Evoked of a file (index or comment).
 
     Returns ``(n_picks, n_times)`` for a single-channel estimator (one ERP per channel), else
     ``(n_times, n_picks)`` (one multichannel ERP, as ``Protocol.output_shape``); with
@@ -121,6 +122,11 @@ def from_evoked(
     import mne
 
     fs, tmin, tmax = _target(estimator, protocol, fs, tmin, tmax)
+    if baseline is None:
+        if estimator is not None:
+            baseline = bool(estimator.manifest.get("baseline", True))
+        else:
+            baseline = bool(protocol.baseline) if protocol is not None else True
     if reference not in ("average", None):
         raise ValueError(f"reference must be 'average' or None, got {reference!r}")
     ev = _read(evoked, condition).copy()

@@ -34,7 +34,10 @@ def noise_factor(n_channels: int, cov=None, *, ch_names=None, reference: str | N
             raise ValueError(f"ch_names must name the ERP's {c} channels, all in the covariance; "
                              f"got {len(names)} names, missing from cov: {missing[:10]}")
         idx = [cov.ch_names.index(n) for n in names]
-        sigma = np.asarray(cov.data, float)[np.ix_(idx, idx)]
+        data = np.asarray(cov.data, float)
+        if data.ndim == 1:  # a diagonal Covariance (mne.make_ad_hoc_cov, diag=True) stores variances
+            data = np.diag(data)
+        sigma = data[np.ix_(idx, idx)]
     else:
         a = np.asarray(cov, dtype=float)
         if a.shape == (c,):
