@@ -280,8 +280,9 @@ def train(
     if ckpt is not None and (ckpt / "state.json").is_file():
         saved = json.loads((ckpt / "state.json").read_text())
         if saved["fingerprint"] != fingerprint:
-            raise ValueError(f"{ckpt} holds a checkpoint of a different training run; use another checkpoint_dir")
-        model, opt_state, best_model = eqx.tree_deserialise_leaves(ckpt / "checkpoint.eqx", (model, opt_state, model))
+            raise ValueError(f"{ckpt} holds a checkpoint of a different training run; use another checkpoint_dir "
+                             "(jr-jax train: --force starts afresh)")
+        model, opt_state, best_model = eqx.tree_deserialise_leaves(ckpt / saved["weights"], (model, opt_state, model))
         state = saved["state"]
     put_batch, model, opt_state = _data_parallel(batch_size, model, opt_state)
 
@@ -313,12 +314,18 @@ def train(
                                          seconds=time.perf_counter() - t0, samples=count * batch_size))
             if ckpt is not None:
                 ckpt.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt / ".checkpoint.eqx.tmp"
+                # weights under a new name first, then state.json naming them (each write atomic): a
+                # crash at any point leaves a state.json whose weights file is the matching one
+                weights = f"checkpoint-{state['epoch']}.eqx"
+                tmp = ckpt / f".{weights}.tmp"
                 eqx.tree_serialise_leaves(tmp, (model, opt_state, best_model))
-                os.replace(tmp, ckpt / "checkpoint.eqx")
+                os.replace(tmp, ckpt / weights)
                 tmp = ckpt / ".state.json.tmp"
-                tmp.write_text(json.dumps(dict(fingerprint=fingerprint, state=state)))
+                tmp.write_text(json.dumps(dict(fingerprint=fingerprint, state=state, weights=weights)))
                 os.replace(tmp, ckpt / "state.json")
+                for old in ckpt.glob("checkpoint-*.eqx"):
+                    if old.name != weights:
+                        old.unlink()
             if bar is not None:
                 bar.set_postfix(train=f"{total / count:.4f}", val=f"{v:.4f}", best=f"{state['best']:.4f}")
                 bar.update(1)

@@ -62,10 +62,13 @@ def _parse_snr(text: str | None):
     """'20' -> 20.0; '0:30' -> (0.0, 30.0); None / 'inf' / 'clean' -> None."""
     if text is None or text.lower() in ("inf", "clean", "none"):
         return None
-    if ":" in text:
-        lo, hi = text.split(":")
-        return (float(lo), float(hi))
-    return float(text)
+    try:
+        if ":" in text:
+            lo, hi = text.split(":")
+            return (float(lo), float(hi))
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--snr takes a number in dB, LOW:HIGH (a range) or inf (clean); got {text!r}") from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -76,15 +79,16 @@ def _train(args: argparse.Namespace) -> int:
     if (out / "manifest.json").exists() and not args.force:
         print(f"error: {out} already holds an estimator; pass --force to replace it", file=sys.stderr)
         return 2
-    if args.force and (out / "checkpoint").is_dir():
-        import shutil
-
-        shutil.rmtree(out / "checkpoint")  # --force starts the training afresh
     try:
+        snr = _parse_snr(args.snr)
         ds = load_dataset(args.data)
         encoder = dict(hidden=args.hidden, layers=args.layers, dropout=args.dropout, conv_channels=args.conv_channels,
                        conv_kernel=args.conv_kernel, conv_stride=args.conv_stride)
-        est, history = train(ds, snr_db=_parse_snr(args.snr), encoder=encoder, epochs=args.epochs,
+        if args.force and (out / "checkpoint").is_dir():  # only once the data are known to load
+            import shutil
+
+            shutil.rmtree(out / "checkpoint")  # --force starts the training afresh
+        est, history = train(ds, snr_db=snr, encoder=encoder, epochs=args.epochs,
                              batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
                              schedule=args.schedule, seed=args.seed, checkpoint_dir=out / "checkpoint")
     except (ValueError, DatasetError) as e:
@@ -103,6 +107,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ._estimator import Estimator
     from ._evaluate import evaluate, format_table
 
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        print(f"error: {out} exists; pass --force to overwrite", file=sys.stderr)
+        return 2
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        print(f"error: --out must be a CSV file path in an existing folder, got {out}", file=sys.stderr)
+        return 2
     try:
         snrs = [_parse_snr(t) for t in args.snr]
         if any(isinstance(s, tuple) for s in snrs):
@@ -115,11 +126,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for metric in args.metrics:
         print(format_table(rows, metric))
         print()
-    if args.out:
-        out = Path(args.out)
-        if out.exists() and not args.force:
-            print(f"error: {out} exists; pass --force to overwrite", file=sys.stderr)
-            return 2
+    if out is not None:
         _write_csv(out, rows)
         print(f"wrote {out}")
     return 0

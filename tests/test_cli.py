@@ -59,6 +59,13 @@ def test_train_evaluate_infer(tmp_path, capsys):
 
     assert main(["evaluate", str(model), str(data), "--snr", "0:30"]) == 2
     assert "not ranges" in capsys.readouterr().err
+    assert main(["evaluate", str(model), str(data), "--snr", "ten"]) == 2
+    assert "--snr takes a number in dB" in capsys.readouterr().err
+    before = csv_out.read_text()
+    assert main(["evaluate", str(model), str(data), "--out", str(csv_out)]) == 2  # refused before evaluating
+    assert "exists; pass --force" in capsys.readouterr().err and csv_out.read_text() == before
+    assert main(["evaluate", str(model), str(data), "--out", str(tmp_path / "no" / "e.csv")]) == 2
+    assert "existing folder" in capsys.readouterr().err
 
     erp = np.asarray(jr_jax.load_dataset(data).erp[:2])
     np.save(tmp_path / "erp.npy", erp)

@@ -88,7 +88,9 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     data.batches = interrupted
     with pytest.raises(KeyboardInterrupt):
         train(data, checkpoint_dir=tmp_path / "ckpt", **opts)
-    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["state"]["epoch"] == 2
+    saved = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert saved["state"]["epoch"] == 2 and saved["weights"] == "checkpoint-2.eqx"
+    assert sorted(f.name for f in (tmp_path / "ckpt").iterdir()) == ["checkpoint-2.eqx", "state.json"]
     data.batches = batches
     resumed, h_resumed = train(data, checkpoint_dir=tmp_path / "ckpt", **opts)
     assert [h["epoch"] for h in h_resumed] == [1, 2, 3, 4]
