@@ -64,7 +64,8 @@ def metrics_rows(true, pred, names, lows, highs, **labels) -> list[dict]:
 
 
 class Ridge:
-    """Ridge regression baseline on a downsampled ERP: closed form, penalty chosen on validation data."""
+    """Ridge regression baseline on a downsampled ERP: closed form, one penalty per target chosen on
+    validation data (``alpha``, shape ``(n_targets,)``)."""
 
     def __init__(self, alphas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3), downsample: int = 10):
         self.alphas, self.downsample = alphas, downsample
@@ -79,13 +80,16 @@ class Ridge:
         self.y_mean = np.asarray(y_train, float).mean(axis=0)
         xs = (x - self.mean) / self.std
         xv = (self._features(erp_val) - self.mean) / self.std
-        best = None
+        y_val = np.asarray(y_val, float).reshape(len(xv), -1)
+        weights, losses = [], []
         for alpha in self.alphas:
             w = np.linalg.solve(xs.T @ xs + alpha * len(xs) * np.eye(xs.shape[1]), xs.T @ (y_train - self.y_mean))
-            loss = np.mean((xv @ w + self.y_mean - y_val) ** 2)
-            if best is None or loss < best[0]:
-                best = (loss, alpha, w)
-        _, self.alpha, self.w = best
+            weights.append(w.reshape(xs.shape[1], -1))
+            losses.append(np.mean((xv @ weights[-1] + self.y_mean - y_val) ** 2, axis=0))
+        best = np.argmin(np.stack(losses), axis=0)  # one penalty per target, whatever its units
+        self.alpha = np.asarray(self.alphas, float)[best]
+        self.w = np.stack([weights[a][:, j] for j, a in enumerate(best)], axis=1).reshape(
+            (xs.shape[1],) + np.shape(self.y_mean))
         return self
 
     def predict(self, erp) -> np.ndarray:

@@ -457,7 +457,8 @@ def _figures(res, out: Path, figs: Path) -> None:
         ax.set_xlabel("ms", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("mV", fontsize=8)
-    fig.suptitle("Three test ERPs (60-trial averages) at each noise level; grey: stimulus", fontsize=10)
+    n_trials = res["meta"]["config"]["n_trials"]
+    fig.suptitle(f"Three test ERPs ({n_trials}-trial averages) at each noise level; grey: stimulus", fontsize=10)
     fig.tight_layout()
     fig.savefig(figs / "erp_examples.png")
     plt.close(fig)

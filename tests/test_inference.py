@@ -162,6 +162,18 @@ def test_ridge_baseline_recovers_a_linear_map():
     assert np.all(m["r2"] > 0.99)
 
 
+def test_ridge_chooses_the_penalty_per_target():
+    """Target 0: exact linear map (wants the smallest penalty); target 1: pure noise 1000x larger
+    (wants the largest). One shared penalty, chosen by the summed error, would follow target 1."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 60))
+    y = np.stack([x @ rng.normal(size=60), 1000 * rng.normal(size=400)], 1)
+    r = Ridge(downsample=1).fit(x[:200], y[:200], x[200:300], y[200:300])
+    assert r.alpha[0] == min(r.alphas) and r.alpha[1] == max(r.alphas)
+    m = parameter_metrics(y[300:], r.predict(x[300:]), [-50, -5000], [50, 5000])
+    assert m["r2"][0] > 0.99
+
+
 def test_training_from_a_dataset_on_disk(tmp_path):
     """The stored split is used and the estimator's manifest records the protocol."""
     protocol = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study(), burn_in=0.2, tmin=-0.05, tmax=0.25)
