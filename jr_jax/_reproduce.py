@@ -631,7 +631,9 @@ def _blocks(res) -> list[tuple]:
                    f"(Laplace approximation under the study's prior; median over {fi['draws']} prior draws) beside the "
                    "R² that the noise-robust model reaches at the same SNR. C and a_1..a_4 share an exact null direction "
                    "of the Fisher information ((C, a_k) → (λC, a_k/λ)), so their ceilings come from the prior alone "
-                   "along it."))
+                   "along it. The ceiling is local (a Gaussian posterior at each draw, its median over the draws), "
+                   "not a bound on the R² over the whole prior: where the ERP responds nonlinearly, a network can "
+                   "exceed it."))
     t = [["Sobol' S1"] + [_fmt(sob[p]["S1"]) for p in names], ["Sobol' ST"] + [_fmt(sob[p]["ST"]) for p in names]]
     for i, snr_f in enumerate(fi["snrs_db"]):
         if snr_f in levels:
