@@ -260,9 +260,10 @@ def study_report() -> str:
     lines.append(f"| noise-robust, {rt['n_train']} ERPs | " + " | ".join(f"{mean_r2(rows, s):.2f}" for s in levels) + " |")
     lines += ["", "![r and R² against SNR](docs/study/figures/metric_vs_snr.png)", "",
               f"The quick preset (the README's first command) ran in {quick['wall_seconds'] / 60:.1f} min here "
-              f"(`python benchmarks/reproduce_quick.py`, peak RSS {quick['peak_rss_gib']:.1f} GiB), plus about a minute "
-              "for the install: the whole first command in a fresh clone, install included, took "
-              f"{quick['readme_command_fresh_clone_seconds'] / 60:.1f} min (`python benchmarks/reproduce_quick.py --fresh-clone`)."]
+              f"(`python benchmarks/reproduce_quick.py`, peak RSS {quick['peak_rss_gib']:.1f} GiB); in a separate run, "
+              "the whole first command in a fresh clone, install included, took "
+              f"{quick['readme_command_fresh_clone_seconds'] / 60:.1f} min (`python benchmarks/reproduce_quick.py "
+              "--fresh-clone`). Timings on this shared machine vary by up to ±30 % from run to run."]
     return "\n".join(lines)
 
 
