@@ -69,6 +69,11 @@ class Estimator(eqx.Module):
     def n_channels(self) -> int:
         return int(self.manifest["n_channels"])
 
+    @property
+    def baseline(self) -> bool:
+        """Whether the training ERPs had their pre-stimulus mean subtracted (older manifests: True)."""
+        return bool(self.manifest.get("baseline", True))
+
     def scaled_output(self, x: jax.Array) -> jax.Array:
         """Network output for a batch of ERPs ``(B, n_times, n_channels)`` in mV, targets in [0, 1] units."""
         x = scale_input(x, self.x_mean, self.x_std)

@@ -47,7 +47,7 @@ def evaluate(
     if tuple(estimator.names) != tuple(dataset.names):
         raise ValueError(f"estimator parameters {estimator.names} differ from the dataset's {dataset.names}")
     m, p = estimator.manifest, dataset.protocol
-    trained = (float(m["fs"]), float(m["tmin"]), estimator.n_times, bool(m.get("baseline", True)))
+    trained = (float(m["fs"]), float(m["tmin"]), estimator.n_times, estimator.baseline)
     given = (float(p.fs), float(p.tmin), int(p.n_times), bool(p.baseline))
     if not (np.allclose(trained[:2], given[:2]) and trained[2:] == given[2:]):
         raise ValueError(f"the dataset's ERPs (fs, tmin, n_times, baseline) = {given} differ from the estimator's "

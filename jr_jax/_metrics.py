@@ -77,19 +77,17 @@ class Ridge:
     def fit(self, erp_train, y_train, erp_val, y_val) -> "Ridge":
         x = self._features(erp_train)
         self.mean, self.std = x.mean(axis=0), x.std(axis=0) + 1e-12
-        self.y_mean = np.asarray(y_train, float).mean(axis=0)
+        y_train, y_val = np.asarray(y_train, float), np.asarray(y_val, float)
+        self.y_mean = y_train.mean(axis=0)
         xs = (x - self.mean) / self.std
         xv = (self._features(erp_val) - self.mean) / self.std
-        y_val = np.asarray(y_val, float).reshape(len(xv), -1)
-        weights, losses = [], []
-        for alpha in self.alphas:
-            w = np.linalg.solve(xs.T @ xs + alpha * len(xs) * np.eye(xs.shape[1]), xs.T @ (y_train - self.y_mean))
-            weights.append(w.reshape(xs.shape[1], -1))
-            losses.append(np.mean((xv @ weights[-1] + self.y_mean - y_val) ** 2, axis=0))
-        best = np.argmin(np.stack(losses), axis=0)  # one penalty per target, whatever its units
+        gram, rhs = xs.T @ xs, xs.T @ (y_train - self.y_mean).reshape(len(xs), -1)
+        w = np.stack([np.linalg.solve(gram + a * len(xs) * np.eye(len(gram)), rhs) for a in self.alphas])
+        val_pred = np.einsum("vf,afk->avk", xv, w) + self.y_mean.reshape(-1)
+        losses = ((val_pred - y_val.reshape(len(xv), -1)) ** 2).mean(axis=1)  # (n_alphas, n_targets)
+        best = np.argmin(losses, axis=0)  # one penalty per target, whatever its units
         self.alpha = np.asarray(self.alphas, float)[best]
-        self.w = np.stack([weights[a][:, j] for j, a in enumerate(best)], axis=1).reshape(
-            (xs.shape[1],) + np.shape(self.y_mean))
+        self.w = w[best, :, np.arange(len(best))].T.reshape((len(gram),) + y_train.shape[1:])
         return self
 
     def predict(self, erp) -> np.ndarray:

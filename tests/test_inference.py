@@ -172,6 +172,10 @@ def test_ridge_chooses_the_penalty_per_target():
     assert r.alpha[0] == min(r.alphas) and r.alpha[1] == max(r.alphas)
     m = parameter_metrics(y[300:], r.predict(x[300:]), [-50, -5000], [50, 5000])
     assert m["r2"][0] > 0.99
+    # one target as a 1-D array: the same penalty and predictions as its column of the joint fit
+    r0 = Ridge(downsample=1).fit(x[:200], y[:200, 0], x[200:300], y[200:300, 0])
+    assert r0.alpha == r.alpha[0] and r0.predict(x[300:]).shape == (100,)
+    np.testing.assert_allclose(r0.predict(x[300:]), r.predict(x[300:])[:, 0], rtol=1e-10, atol=1e-10)
 
 
 def test_training_from_a_dataset_on_disk(tmp_path):

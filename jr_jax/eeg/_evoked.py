@@ -12,21 +12,24 @@ EEG_MAX_RMS_V = 1e-3
 EEG_MIN_RMS_V = 1e-10
 
 
-def _target(estimator, protocol, fs, tmin, tmax):
+def _target(estimator, protocol, fs, tmin, tmax, baseline):
+    """The model's ``(fs, tmin, tmax, baseline)`` from exactly one of estimator, protocol, or fs/tmin/tmax;
+    ``baseline=None`` follows the estimator or protocol (True with fs/tmin/tmax)."""
     given = [x is not None for x in (estimator, protocol)] + [any(v is not None for v in (fs, tmin, tmax))]
     if sum(given) != 1:
         raise ValueError("give exactly one of estimator, protocol, or fs with tmin and tmax (the model's sampling "
                          "and epoch window)")
     if estimator is not None:
         m = estimator.manifest
-        return float(m["fs"]), float(m["tmin"]), float(m["tmax"])
+        return float(m["fs"]), float(m["tmin"]), float(m["tmax"]), estimator.baseline if baseline is None else baseline
     if protocol is not None:
-        return float(protocol.fs), float(protocol.tmin), float(protocol.tmax)
+        return (float(protocol.fs), float(protocol.tmin), float(protocol.tmax),
+                bool(protocol.baseline) if baseline is None else baseline)
     if fs is None or tmin is None or tmax is None:
         raise ValueError(f"pass fs, tmin and tmax together (Hz, s, s); got fs={fs}, tmin={tmin}, tmax={tmax}")
     if not (np.isfinite(fs) and fs > 0 and np.isfinite(tmin) and np.isfinite(tmax) and tmin < tmax):
         raise ValueError(f"need fs > 0 and tmin < tmax, got fs={fs}, tmin={tmin}, tmax={tmax}")
-    return float(fs), float(tmin), float(tmax)
+    return float(fs), float(tmin), float(tmax), True if baseline is None else baseline
 
 
 def _read(evoked, condition):
@@ -121,12 +124,7 @@ def from_evoked(
     """
     import mne
 
-    fs, tmin, tmax = _target(estimator, protocol, fs, tmin, tmax)
-    if baseline is None:
-        if estimator is not None:
-            baseline = bool(estimator.manifest.get("baseline", True))
-        else:
-            baseline = bool(protocol.baseline) if protocol is not None else True
+    fs, tmin, tmax, baseline = _target(estimator, protocol, fs, tmin, tmax, baseline)
     if reference not in ("average", None):
         raise ValueError(f"reference must be 'average' or None, got {reference!r}")
     ev = _read(evoked, condition).copy()
