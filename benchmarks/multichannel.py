@@ -151,7 +151,7 @@ def main():
     models, seconds = {}, {}
     for label, data in (("source (1 channel)", src_data), ("sensors (64 channels)", sen_data)):
         t0 = time.perf_counter()
-        models[label], history = jr_jax.train(data, **common)
+        models[label], history = jr_jax.train(data, kind="point", **common)
         seconds[label] = time.perf_counter() - t0
         print(f"{label}: {len(history)} epochs in {seconds[label]:.0f} s, best val loss "
               f"{models[label].manifest['training']['best_val_loss']:.4f}")

@@ -47,7 +47,7 @@ def grid(args) -> None:
     train_snrs, test_snrs = (30.0, 20.0, 10.0, 0.0), (None, 30.0, 20.0, 10.0, 0.0)
     table, t0 = [], time.perf_counter()
     for snr in train_snrs:
-        est, history = jr_jax.train(ds, snr_db=snr, encoder=encoder, epochs=args.epochs, patience=10,
+        est, history = jr_jax.train(ds, kind="point", snr_db=snr, encoder=encoder, epochs=args.epochs, patience=10,
                                     schedule="cosine", checkpoint_dir=out / f"grid_checkpoint_{snr:g}", progress=True)
         rows = jr_jax.evaluate(est, ds, test_snrs, baselines=False)
         for r in rows:
@@ -98,7 +98,7 @@ def main():
     t0 = time.perf_counter()
     encoder = dict(hidden=args.hidden, conv_channels=args.conv_channels, conv_kernel=args.conv_stride,
                    conv_stride=args.conv_stride)
-    est, history = jr_jax.train(ds, snr_db=(0.0, 40.0), encoder=encoder, epochs=args.epochs, patience=10,
+    est, history = jr_jax.train(ds, kind="point", snr_db=(0.0, 40.0), encoder=encoder, epochs=args.epochs, patience=10,
                                 schedule="cosine", checkpoint_dir=out / "checkpoint", progress=True)
     t_train = time.perf_counter() - t0
     est.save(out / "model", overwrite=True)

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._flow import PosteriorNet, from_unbounded, log_jacobian, to_unbounded
 from ._nn import build_encoder
+from ._solve import as_typed_key
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.eqx"
@@ -46,6 +48,11 @@ class Estimator(eqx.Module):
     manifest: dict = eqx.field(static=True)
 
     @property
+    def kind(self) -> str:
+        """``"posterior"`` (a conditional flow: :meth:`sample`, :meth:`posterior`) or ``"point"``."""
+        return str(self.manifest.get("kind", "point"))
+
+    @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.manifest["names"])
 
@@ -75,7 +82,7 @@ class Estimator(eqx.Module):
         return bool(self.manifest.get("baseline", True))
 
     def scaled_output(self, x: jax.Array) -> jax.Array:
-        """Network output for a batch of ERPs ``(B, n_times, n_channels)`` in mV, targets in [0, 1] units."""
+        """Point regressor's output for a batch of ERPs ``(B, n_times, n_channels)`` in mV, targets in [0, 1] units."""
         x = scale_input(x, self.x_mean, self.x_std)
         return self.encoder.batch(x, inference=True)
 
@@ -106,13 +113,99 @@ class Estimator(eqx.Module):
                              "multiplied by 1e3; jr_jax.eeg.from_evoked does it)")
         return x
 
+    def _single(self, erp) -> bool:
+        return np.ndim(erp) == 1 or (self.n_channels > 1 and np.ndim(erp) == 2)
+
+    def _require_posterior(self, what: str) -> None:
+        if self.kind != "posterior":
+            raise TypeError(f"{what} needs a posterior estimator (jr_jax.train(..., kind='posterior')); this one is "
+                            f"kind={self.kind!r} and gives point estimates only (predict)")
+
     def predict_array(self, erp, *, fs: float | None = None) -> np.ndarray:
-        """Parameters ``(N, n_params)`` (or ``(n_params,)`` for one ERP) in their units."""
-        single = np.ndim(erp) == 1 or (self.n_channels > 1 and np.ndim(erp) == 2)
+        """Parameters ``(N, n_params)`` (or ``(n_params,)`` for one ERP) in their units.
+
+        A posterior estimator returns the posterior mean, estimated from
+        ``POSTERIOR_MEAN_DRAWS`` draws with a fixed key (so the same ERP gives the same answer).
+        """
+        if self.kind == "posterior":
+            draws = self.sample(erp, POSTERIOR_MEAN_DRAWS, key=jax.random.key(0), fs=fs)
+            return draws.mean(axis=-2)
+        single = self._single(erp)
         x = self._check(erp, fs)
         scaled = np.asarray(_predict_jit(self, jnp.asarray(x)))
         theta = self.lows + scaled * (self.highs - self.lows)
         return theta[0] if single else theta
+
+    def sample(self, erp, n: int, *, key, fs: float | None = None) -> np.ndarray:
+        """Posterior draws in the parameters' units: ``(n, n_params)`` for one ERP, ``(N, n, n_params)``
+        for a batch ``(N, n_times[, n_channels])`` (mV). Every draw lies inside the prior box.
+
+        The ERP's embedding is computed once per ERP; ERP i uses ``fold_in(key, i)``.
+        """
+        self._require_posterior("sample")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n (draws per ERP) must be an integer >= 1, got {n!r}")
+        key = as_typed_key(key)
+        if key.shape != ():
+            raise ValueError(f"key must be a single key, got shape {key.shape}")
+        single = self._single(erp)
+        x = self._check(erp, fs)
+        z = np.asarray(_sample_z_jit(self, jnp.asarray(x), key, int(n)), np.float64)
+        theta = np.asarray(from_unbounded(z, self.lows, self.highs))
+        # float32 rounding of sigmoid(z) can land on a bound: keep draws strictly inside the box
+        span = self.highs - self.lows
+        theta = np.clip(theta, self.lows + 1e-7 * span, self.highs - 1e-7 * span)
+        return theta[0] if single else theta
+
+    def log_prob(self, theta, erp, *, fs: float | None = None) -> np.ndarray:
+        """Log posterior density ``log q(theta | erp)`` in the parameters' units (the Jacobian of the
+        logit map included): ``theta (n, n_params)`` for one ERP gives ``(n,)``; ``(N, n, n_params)``
+        for N ERPs gives ``(N, n)``. ``-inf`` outside the prior box."""
+        self._require_posterior("log_prob")
+        single = self._single(erp)
+        x = self._check(erp, fs)
+        theta = np.asarray(theta, np.float64)
+        d = len(self.names)
+        if theta.ndim != (2 if single else 3) or theta.shape[-1] != d or (not single and len(theta) != len(x)):
+            raise ValueError(f"theta must have shape (n, {d}) for one ERP or (N, n, {d}) for N ERPs; got {theta.shape}"
+                             f" for {len(x)} ERP(s)")
+        if single:
+            theta = theta[None]
+        inside = np.all((theta > self.lows) & (theta < self.highs), axis=-1)
+        safe = np.where(inside[..., None], theta, (self.lows + self.highs) / 2)
+        z = np.asarray(to_unbounded(safe, self.lows, self.highs), np.float32)
+        lp = np.asarray(_log_prob_z_jit(self, jnp.asarray(x), jnp.asarray(z)), np.float64)
+        lp = lp - np.asarray(log_jacobian(z.astype(np.float64), self.lows, self.highs))
+        lp = np.where(inside, lp, -np.inf)
+        return lp[0] if single else lp
+
+    def posterior(self, erp, n: int = 1000, *, key, level: float = 0.9, fs: float | None = None):
+        """Posterior summary of one ERP or a batch: mean, median, SD and central ``level`` credible
+        intervals per parameter and per identifiable combination log(C a_k) (see
+        :class:`PosteriorSummary`), from ``n`` draws."""
+        from ._summary import PosteriorSummary
+
+        draws = self.sample(erp, n, key=key, fs=fs)
+        return PosteriorSummary.from_draws(draws, self.names, self.units, level=level, prior_sd=self.prior_sd())
+
+    def prior_draws(self, n: int = 20000, *, seed: int = 0) -> np.ndarray:
+        """Draws ``(n, n_params)`` of the training prior (from the manifest; a uniform box over the
+        bounds for estimators trained on arrays without a recorded prior)."""
+        if self.manifest.get("prior"):
+            from ._params import Prior
+
+            prior = Prior.from_dict(self.manifest["prior"])
+            return np.asarray(prior.sample_array(jax.random.key(seed), n), np.float64)
+        u = np.random.default_rng(seed).random((n, len(self.names)))
+        return self.lows + u * (self.highs - self.lows)
+
+    def prior_sd(self) -> np.ndarray:
+        """Prior SD of each parameter and each log(C*a_k) (the denominators of the contraction)."""
+        from ._summary import derived_quantities
+
+        draws = self.prior_draws()
+        extra, _ = derived_quantities(draws, self.names)
+        return np.concatenate([draws, extra], axis=-1).std(axis=0, ddof=1)
 
     def predict(self, erp, *, fs: float | None = None) -> dict[str, np.ndarray]:
         """Parameters by name (arrays of shape ``(N,)``, or scalars for one ERP), in their units.
@@ -153,6 +246,29 @@ class Estimator(eqx.Module):
         return cls(encoder, jnp.zeros((c,)), jnp.ones((c,)), manifest)
 
 
+#: draws behind a posterior estimator's ``predict`` (the posterior mean's Monte Carlo SD is the
+#: posterior SD / sqrt(1000), about 3 % of it)
+POSTERIOR_MEAN_DRAWS = 1000
+
+
 @eqx.filter_jit
 def _predict_jit(estimator: Estimator, x):
     return estimator.scaled_output(x)
+
+
+@eqx.filter_jit
+def _embed_jit(estimator: Estimator, x):
+    return estimator.encoder.embed(scale_input(x, estimator.x_mean, estimator.x_std), inference=True)
+
+
+@eqx.filter_jit
+def _sample_z_jit(estimator: Estimator, x, key, n: int):
+    emb = _embed_jit(estimator, x)  # one embedding per ERP
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(x)))
+    return jax.vmap(lambda k, e: estimator.encoder.sample_z(k, n, e))(keys, emb)
+
+
+@eqx.filter_jit
+def _log_prob_z_jit(estimator: Estimator, x, z):
+    emb = _embed_jit(estimator, x)  # (N, E)
+    return jax.vmap(lambda zi, e: estimator.encoder.log_prob_z(zi, jnp.broadcast_to(e, (zi.shape[0],) + e.shape)))(z, emb)

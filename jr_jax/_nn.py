@@ -194,6 +194,10 @@ def build_encoder(config: dict, *, key: PRNGKeyArray) -> eqx.Module:
     """An encoder from its ``config`` (as stored in an estimator's manifest)."""
     config = dict(config)
     kind = config.pop("kind")
+    if kind == "posterior":  # the flow head lives in _flow (it imports this module)
+        from ._flow import PosteriorNet
+
+        return PosteriorNet(**config, key=key)
     if kind not in ENCODERS:
         raise ValueError(f"unknown encoder kind {kind!r}; known: {sorted(ENCODERS)}")
     return ENCODERS[kind](**config, key=key)

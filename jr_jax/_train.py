@@ -18,6 +18,7 @@ import optax
 
 from ._data import Dataset
 from ._estimator import Estimator, scale_input
+from ._flow import PosteriorNet
 from ._nn import BiLSTM
 from ._params import Prior
 from ._simulate import Protocol, measurement_noise, simulate
@@ -49,6 +50,8 @@ class TrainingData:
     n_train: int | None  # None: unlimited (simulated on the fly)
     info: dict = field(default_factory=dict)
     baseline: bool = True  # the ERPs had their pre-stimulus mean subtracted (Protocol.baseline)
+    prior: dict | None = None  # Prior.to_dict() of the training parameters, where known
+    protocol: dict | None = None  # Protocol.to_dict() of the training ERPs (clean), where known
 
     @property
     def n_times(self) -> int:
@@ -86,7 +89,8 @@ class TrainingData:
         return cls(batches, val_theta, val_erp, ds.names, ds.units, ds.prior.lows, ds.prior.highs, p.fs, p.tmin,
                    p.tmax, p.n_trials, mean, std, rms, len(split.train),
                    info=dict(source=str(ds.path), n_train=len(split.train), n_val=len(split.val),
-                             n_invalid=split.n_invalid), baseline=bool(p.baseline))
+                             n_invalid=split.n_invalid), baseline=bool(p.baseline),
+                   prior=ds.prior.to_dict(), protocol=p.to_dict())
 
     @classmethod
     def from_arrays(cls, theta, erp, *, names, lows, highs, fs, tmin=0.0, units=None, n_trials=1,
@@ -146,7 +150,7 @@ class TrainingData:
         return cls(batches, theta_val, erp_val, prior.names, prior.units, prior.lows, prior.highs, protocol.fs,
                    protocol.tmin, protocol.tmax, protocol.n_trials, mean, std, rms, None,
                    info=dict(source="simulated on the fly", batches_per_epoch=batches_per_epoch, n_val=len(theta_val)),
-                   baseline=bool(protocol.baseline))
+                   baseline=bool(protocol.baseline), prior=prior.to_dict(), protocol=protocol.to_dict())
 
 
 def _with_channels(erp: np.ndarray) -> np.ndarray:
@@ -180,18 +184,39 @@ def add_noise_batch(erp, key, snr, color="white"):
     return erp + std[:, None, None] * noise
 
 
+# scaled targets are kept this far inside (0, 1) before the logit (a prior draw may sit on a bound)
+_EDGE = 1e-6
+
+
+def _objective(model, x, y, keys=None):
+    """Training objective on scaled inputs ``x`` and targets ``y`` in [0, 1] (by the prior bounds).
+
+    Point regressor: mean squared error. Posterior: mean negative log-density of
+    ``z = logit(y)`` under the flow given the ERP's embedding. The Jacobian from z to the parameters
+    does not depend on the network, so this is the negative log posterior density in parameter
+    units up to a constant of the data.
+    """
+    inference = keys is None
+    if isinstance(model, PosteriorNet):
+        u = jnp.clip(y, _EDGE, 1.0 - _EDGE)
+        z = jnp.log(u) - jnp.log1p(-u)
+        return -jnp.mean(model.log_prob_z(z, model.embed(x, keys=keys, inference=inference)))
+    return jnp.mean((model.batch(x, keys=keys, inference=inference) - y) ** 2)
+
+
 def _loss(model, x_mean, x_std, erp, y, key, snr, color, dropout_key):
     x = scale_input(add_noise_batch(erp, key, snr, color), x_mean, x_std)
-    pred = model.batch(x, keys=jax.random.split(dropout_key, x.shape[0]))
-    return jnp.mean((pred - y) ** 2)
+    return _objective(model, x, y, jax.random.split(dropout_key, x.shape[0]))
 
 
 def train(
     data: TrainingData | Dataset,
     *,
+    kind: str = "posterior",
     snr_db=None,
     noise_color: str = "white",
     encoder: dict | None = None,
+    posterior: dict | None = None,
     epochs: int = 150,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
@@ -203,8 +228,18 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[Estimator, list[dict]]:
-    """Train an encoder (default: the study's Bi-LSTM) to predict the parameters from an ERP.
+    """Train an estimator of the parameters from an ERP: a posterior (default) or a point regressor.
 
+    - ``kind="posterior"`` (default): neural posterior estimation. The encoder (default: the study's
+      Bi-LSTM) embeds the ERP and a conditional normalizing flow (flowjax; options in
+      ``posterior``: ``embed_dim``, ``flow_layers``, ``knots``, ``interval``, ``nn_width``, see
+      :class:`jr_jax._flow.PosteriorNet`) models the parameters in the logit of the prior box,
+      trained end to end on the negative log posterior density. It is the default because the JR
+      parameters are largely sloppy (only the products C a_k enter the model, and most other
+      directions are weakly determined at realistic SNR): a posterior says which numbers the data
+      determine, a point estimate does not. The estimator's :meth:`~Estimator.sample` and
+      :meth:`~Estimator.posterior` give draws and intervals; ``predict`` the posterior mean.
+    - ``kind="point"``: the study's regressor, MSE on the targets scaled by the prior bounds.
     - ``data``: a :class:`TrainingData` or a :class:`Dataset` (its stored split is used).
     - ``snr_db``: measurement noise added to every training batch, fresh each epoch: ``None``
       (clean), a number, or a ``(low, high)`` range drawn per sample (noise-robust training).
@@ -235,10 +270,17 @@ def train(
         raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
     if data.n_train is not None and data.n_train < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {data.n_train} training samples")
+    if kind not in ("posterior", "point"):
+        raise ValueError(f"kind must be 'posterior' or 'point', got {kind!r}")
+    if posterior is not None and kind != "posterior":
+        raise ValueError("posterior options are only for kind='posterior'")
     options = dict(encoder or {})
     key = jax.random.key(seed)
     k_model, k_val, k_train = jax.random.split(key, 3)
-    model = BiLSTM(data.n_channels, len(data.names), **options, key=k_model)
+    if kind == "point":
+        model = BiLSTM(data.n_channels, len(data.names), **options, key=k_model)
+    else:
+        model = PosteriorNet(data.n_channels, len(data.names), encoder=options, **dict(posterior or {}), key=k_model)
 
     lows, highs = np.asarray(data.lows, np.float32), np.asarray(data.highs, np.float32)
     x_mean, x_std = jnp.asarray(data.x_mean, jnp.float32), jnp.asarray(data.x_std, jnp.float32)
@@ -252,19 +294,18 @@ def train(
         steps = epochs * per_epoch
         lr = optax.cosine_decay_schedule(learning_rate, max(steps, 1))
     optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(lr))
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
     def step(model, opt_state, erp, y, key):
         k_noise, k_drop = jax.random.split(key)
         loss, grads = eqx.filter_value_and_grad(_loss)(model, x_mean, x_std, erp, y, k_noise, snr, noise_color, k_drop)
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         return eqx.apply_updates(model, updates), opt_state, loss
 
     @eqx.filter_jit
     def val_loss(model, x, y):
-        pred = model.batch(scale_input(x, x_mean, x_std), inference=True)
-        return jnp.mean((pred - y) ** 2)
+        return _objective(model, scale_input(x, x_mean, x_std), y)
 
     import hashlib
 
@@ -338,12 +379,13 @@ def train(
     from . import __version__
 
     manifest = dict(
+        kind=kind,
         encoder=best_model.config,
         names=list(data.names), units=list(data.units), lows=lows.tolist(), highs=highs.tolist(),
         fs=data.fs, tmin=data.tmin, tmax=data.tmax, n_times=data.n_times, n_channels=data.n_channels,
         n_trials=data.n_trials, baseline=data.baseline, snr_db=None if snr is None else list(snr),
         noise_color=noise_color,
-        rms_range_mv=list(data.rms_range_mv), data=data.info,
+        rms_range_mv=list(data.rms_range_mv), data=data.info, prior=data.prior, protocol=data.protocol,
         training=dict(epochs=state["epoch"], best_val_loss=state["best"], batch_size=batch_size,
                       learning_rate=learning_rate, schedule=schedule, clip_norm=clip_norm, patience=patience,
                       min_delta=min_delta, seed=seed),

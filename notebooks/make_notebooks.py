@@ -201,7 +201,7 @@ convolution (the study's CNN-BiLSTM option: 16 ms windows, 75 LSTM steps instead
 a cosine schedule, fresh noise at SNRs drawn in [0, 40] dB for every batch."""),
     ("code", """\
 encoder = dict(conv_channels=32, conv_kernel=16, conv_stride=16)
-est, history = jr_jax.train(ds, snr_db=(0.0, 40.0), encoder=encoder, epochs=epochs, schedule="cosine", progress=False)
+est, history = jr_jax.train(ds, kind="point", snr_db=(0.0, 40.0), encoder=encoder, epochs=epochs, schedule="cosine", progress=False)
 est.save(work / "model")
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot([h["train_loss"] for h in history], label="training"); ax.plot([h["val_loss"] for h in history], label="validation")

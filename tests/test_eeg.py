@@ -215,10 +215,10 @@ def models(tmp_path_factory):
     enc = dict(hidden=4, conv_channels=4, conv_kernel=4, conv_stride=4)
     multi = jr_jax.TrainingData.from_arrays(theta, erp, **kw)
     multi.info["ch_names"] = list(lf.ch_names)
-    est_multi, _ = jr_jax.train(multi, encoder=enc, epochs=1, batch_size=16, progress=False)
+    est_multi, _ = jr_jax.train(multi, kind="point", encoder=enc, epochs=1, batch_size=16, progress=False)
     single = jr_jax.TrainingData.from_arrays(np.repeat(theta, len(lf.gain), axis=0),
                                              erp.transpose(0, 2, 1).reshape(-1, protocol.n_times), **kw)
-    est_single, _ = jr_jax.train(single, encoder=enc, epochs=1, batch_size=64, progress=False)
+    est_single, _ = jr_jax.train(single, kind="point", encoder=enc, epochs=1, batch_size=64, progress=False)
     est_multi.save(d / "multi")
     est_single.save(d / "single")
     ev = eeg.to_evoked(erp[0], protocol, ch_names=lf.ch_names)

@@ -24,7 +24,7 @@ def toy():
     theta, erp = _oscillators(2000)
     data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0,
                                     units=("Hz", "s"))
-    est, history = train(data, snr_db=20.0, encoder=dict(hidden=32), epochs=15, progress=False)
+    est, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=32), epochs=15, progress=False)
     return data, est, history
 
 
@@ -76,7 +76,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     theta, erp = _oscillators(300)
     data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
     opts = dict(snr_db=20.0, encoder=dict(hidden=8), epochs=4, progress=False, seed=1)
-    full, h_full = train(data, **opts)
+    full, h_full = train(data, kind="point", **opts)
 
     batches = data.batches
 
@@ -87,18 +87,18 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
 
     data.batches = interrupted
     with pytest.raises(KeyboardInterrupt):
-        train(data, checkpoint_dir=tmp_path / "ckpt", **opts)
+        train(data, kind="point", checkpoint_dir=tmp_path / "ckpt", **opts)
     saved = json.loads((tmp_path / "ckpt" / "state.json").read_text())
     assert saved["state"]["epoch"] == 2 and saved["weights"] == "checkpoint-2.eqx"
     assert sorted(f.name for f in (tmp_path / "ckpt").iterdir()) == ["checkpoint-2.eqx", "state.json"]
     data.batches = batches
-    resumed, h_resumed = train(data, checkpoint_dir=tmp_path / "ckpt", **opts)
+    resumed, h_resumed = train(data, kind="point", checkpoint_dir=tmp_path / "ckpt", **opts)
     assert [h["epoch"] for h in h_resumed] == [1, 2, 3, 4]
     np.testing.assert_allclose([h["val_loss"] for h in h_resumed], [h["val_loss"] for h in h_full], rtol=1e-5)
     erp_test = _oscillators(5, seed=9)[1]
     np.testing.assert_allclose(resumed.predict_array(erp_test), full.predict_array(erp_test), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="different training run"):
-        train(data, checkpoint_dir=tmp_path / "ckpt", **dict(opts, epochs=5))
+        train(data, kind="point", checkpoint_dir=tmp_path / "ckpt", **dict(opts, epochs=5))
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_train_refuses_bad_arguments(kwargs, match):
     theta, erp = _oscillators(100)
     data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
     with pytest.raises(ValueError, match=match):
-        train(data, progress=False, **kwargs)
+        train(data, kind="point", progress=False, **kwargs)
 
 
 def test_metrics_against_scipy_and_definitions():
@@ -183,7 +183,7 @@ def test_training_from_a_dataset_on_disk(tmp_path):
     protocol = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study(), burn_in=0.2, tmin=-0.05, tmax=0.25)
     ds = jr_jax.make_dataset(jr_jax.Prior(), protocol, 96, tmp_path / "d.zarr", key=jax.random.key(0), chunk_size=32,
                              progress=False)
-    est, history = train(ds, snr_db=(10.0, 30.0), encoder=dict(hidden=8, conv_channels=4, conv_stride=4),
+    est, history = train(ds, kind="point", snr_db=(10.0, 30.0), encoder=dict(hidden=8, conv_channels=4, conv_stride=4),
                          epochs=2, batch_size=16, progress=False)
     assert len(history) == 2 and est.manifest["data"]["n_train"] == len(ds.split().train)
     assert est.manifest["fs"] == 1000.0 and est.manifest["tmin"] == -0.05 and est.n_times == protocol.n_times
@@ -199,7 +199,7 @@ def test_multichannel_input():
     erp3 = erp[:, :, None] * gains
     data = TrainingData.from_arrays(theta, erp3, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
     assert data.n_channels == 3 and data.x_std.shape == (3,)
-    est, _ = train(data, encoder=dict(hidden=8), epochs=2, progress=False)
+    est, _ = train(data, kind="point", encoder=dict(hidden=8), epochs=2, progress=False)
     assert est.n_channels == 3 and est.encoder.config["n_channels"] == 3
     assert est.predict_array(erp3[:4]).shape == (4, 2)
     assert est.predict_array(erp3[0]).shape == (2,)
@@ -215,7 +215,7 @@ def test_training_on_the_fly_simulates_fresh_batches():
     second = [t for t, _ in data.batches(1, 16, 0)]
     assert len(first) == 5 and not np.array_equal(first[0], second[0])  # new draws every epoch
     np.testing.assert_array_equal(first[0], next(iter(data.batches(0, 16, 0)))[0])  # reproducible
-    est, history = train(data, epochs=2, batch_size=16, encoder=dict(hidden=8), progress=False)
+    est, history = train(data, kind="point", epochs=2, batch_size=16, encoder=dict(hidden=8), progress=False)
     assert history[-1]["samples"] == 80 and est.predict_array(data.erp_val[:2, :, 0]).shape == (2, 9)
     with pytest.raises(ValueError, match="snr_db=None"):
         TrainingData.on_the_fly(jr_jax.Prior(), protocol.replace(snr_db=10.0), key=jax.random.key(0))
@@ -276,7 +276,7 @@ from test_inference import _oscillators
 from jr_jax import TrainingData, train
 theta, erp = _oscillators(1700)
 data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
-est, history = train(data, snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
+est, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
 print(json.dumps([len(jax.local_devices())] + [h["val_loss"] for h in history]))
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -285,5 +285,5 @@ print(json.dumps([len(jax.local_devices())] + [h["val_loss"] for h in history]))
     assert devices == 2
     theta, erp = _oscillators(1700)
     data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
-    _, history = train(data, snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
+    _, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
     np.testing.assert_allclose(split, [h["val_loss"] for h in history], rtol=1e-3)

@@ -20,7 +20,7 @@ def test_short_jr_training_recovers_b_i_and_b_e():
     theta = np.asarray(prior.to_array(params))
     data = jr_jax.TrainingData.from_arrays(theta, erp, names=prior.names, lows=prior.lows, highs=prior.highs,
                                            fs=protocol.fs, tmin=protocol.tmin, units=prior.units)
-    est, _ = jr_jax.train(data, encoder=dict(hidden=32, conv_channels=16, conv_kernel=8, conv_stride=8), epochs=25,
+    est, _ = jr_jax.train(data, kind="point", encoder=dict(hidden=32, conv_channels=16, conv_kernel=8, conv_stride=8), epochs=25,
                           learning_rate=3e-3, progress=False)
     test_params = prior.sample(jax.random.key(1), 500)
     test_erp = np.asarray(jr_jax.simulate(test_params, protocol))

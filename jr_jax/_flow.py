@@ -1,0 +1,93 @@
+"""The posterior head: a conditional normalizing flow (flowjax) on an encoder's embedding of the ERP.
+
+The flow models ``z = logit((theta - low) / (high - low))`` (the prior box mapped to R^d), so every
+draw mapped back lies strictly inside the box; densities in parameter units include the Jacobian
+(:func:`log_jacobian`).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import paramax
+from flowjax.bijections import RationalQuadraticSpline
+from flowjax.distributions import Normal
+from flowjax.flows import masked_autoregressive_flow
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._nn import BiLSTM
+
+
+def to_unbounded(theta: Float[Array, "... d"], lows, highs) -> Float[Array, "... d"]:
+    """``logit((theta - low) / (high - low))``: the prior box to R^d."""
+    u = (theta - lows) / (highs - lows)
+    return jnp.log(u) - jnp.log1p(-u)
+
+
+def from_unbounded(z: Float[Array, "... d"], lows, highs) -> Float[Array, "... d"]:
+    """The inverse of :func:`to_unbounded`: R^d to the open prior box."""
+    return lows + (highs - lows) * jax.nn.sigmoid(z)
+
+
+def log_jacobian(z: Float[Array, "... d"], lows, highs) -> Float[Array, "..."]:
+    """``log |d theta / d z|`` at ``z``, summed over the parameters.
+
+    A density in z becomes one in theta by subtracting this: ``log p(theta) = log p(z) - log_jacobian(z)``.
+    """
+    return jnp.sum(jnp.log(highs - lows) + jax.nn.log_sigmoid(z) + jax.nn.log_sigmoid(-z), axis=-1)
+
+
+class PosteriorNet(eqx.Module):
+    """A Bi-LSTM embedding of the ERP conditioning a masked autoregressive flow with rational-quadratic
+    spline transformers over the unbounded parameters ``z`` (dimension ``n_out``).
+
+    ``encoder``: options of :class:`jr_jax._nn.BiLSTM` (its linear head gives the embedding of size
+    ``embed_dim``). ``flow_layers``, ``knots``, ``interval`` and ``nn_width`` configure the flow
+    (``interval``: the splines act on [-interval, interval] of z and are the identity outside).
+    """
+
+    embedding: BiLSTM
+    flow: eqx.Module
+    config: dict = eqx.field(static=True)
+
+    def __init__(self, n_channels: int, n_out: int, *, encoder: dict | None = None, embed_dim: int = 32,
+                 flow_layers: int = 5, knots: int = 8, interval: float = 6.0, nn_width: int = 64,
+                 key: PRNGKeyArray):
+        for name, value in (("n_out", n_out), ("embed_dim", embed_dim), ("flow_layers", flow_layers),
+                            ("knots", knots), ("nn_width", nn_width)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"posterior {name} must be an integer >= 1, got {value!r}")
+        if not interval > 0:
+            raise ValueError(f"posterior interval must be > 0, got {interval!r}")
+        encoder = dict(encoder or {})
+        encoder.pop("kind", None)
+        for k in ("n_channels", "n_out"):
+            encoder.pop(k, None)
+        k_enc, k_flow = jax.random.split(key)
+        self.embedding = BiLSTM(n_channels, embed_dim, **encoder, key=k_enc)
+        self.flow = masked_autoregressive_flow(
+            k_flow, base_dist=Normal(jnp.zeros(n_out)), cond_dim=embed_dim,
+            transformer=RationalQuadraticSpline(knots=knots, interval=interval),
+            flow_layers=flow_layers, nn_width=nn_width)
+        enc_config = {k: v for k, v in self.embedding.config.items() if k not in ("kind", "n_channels", "n_out")}
+        self.config = dict(kind="posterior", n_channels=n_channels, n_out=n_out, encoder=enc_config,
+                           embed_dim=embed_dim, flow_layers=flow_layers, knots=knots, interval=float(interval),
+                           nn_width=nn_width)
+
+    def embed(self, x: Float[Array, "B T C"], *, keys: PRNGKeyArray | None = None,
+              inference: bool = False) -> Float[Array, "B E"]:
+        """Embeddings of a batch of scaled ERPs (one per ERP, whatever the number of draws)."""
+        return self.embedding.batch(x, keys=keys, inference=inference)
+
+    def log_prob_z(self, z: Float[Array, "B d"], embedding: Float[Array, "B E"]) -> Float[Array, " B"]:
+        """Flow log-density of ``z`` given each row's embedding (in z, without the Jacobian)."""
+        return paramax.unwrap(self.flow).log_prob(z, embedding)
+
+    def sample_z(self, key: PRNGKeyArray, n: int, embedding: Float[Array, " E"]) -> Float[Array, "n d"]:
+        """``n`` draws of z given one embedding."""
+        return paramax.unwrap(self.flow).sample(key, (n,), condition=embedding)
+
+    def sample_and_log_prob_z(self, key: PRNGKeyArray, n: int, embedding: Float[Array, " E"]):
+        """``n`` draws of z given one embedding, with their flow log-densities."""
+        return paramax.unwrap(self.flow).sample_and_log_prob(key, (n,), condition=embedding)
