@@ -43,6 +43,14 @@ class DatasetError(RuntimeError):
     """A dataset on disk is inconsistent (corrupt chunk, mismatched resume, not a jr_jax dataset)."""
 
 
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The dataset path does not exist (both a :class:`DatasetError` and a ``FileNotFoundError``)."""
+
+
+# what _create and _write_chunk put in a dataset folder, and nothing else
+_DATASET_ENTRIES = frozenset({"zarr.json", ".jr_jax", "theta", "erp", "valid"})
+
+
 def _versions() -> dict:
     import diffrax
 
@@ -162,7 +170,7 @@ def _create(path: Path, config: dict, prior: Prior, protocol: Protocol) -> None:
 
     n, size = config["n"], config["chunk_size"]
     (path / _DONE).mkdir(parents=True, exist_ok=True)  # before the attributes mark it a dataset
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(str(path), mode="w-")  # "w" would empty the folder; "w-" refuses foreign data
     group.create_array("theta", shape=(n, len(prior.names)), chunks=(size, len(prior.names)), dtype="float32",
                        fill_value=np.nan)
     group.create_array("erp", shape=(n, *protocol.output_shape), chunks=(size, *protocol.output_shape),
@@ -171,12 +179,51 @@ def _create(path: Path, config: dict, prior: Prior, protocol: Protocol) -> None:
     group.attrs["jr_jax"] = dict(config=config, versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
+def _read_json(path: Path, what: str):
+    """``path`` parsed as JSON; a DatasetError naming the file if it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path} is corrupt ({what} is not valid JSON: {e})") from None
+
+
 def _stored_config(path: Path) -> dict | None:
+    """The configuration stored in the dataset at ``path``, or None if it is not a jr_jax dataset
+    (no zarr group whose attributes hold jr_jax's configuration). Raises a DatasetError naming
+    ``zarr.json`` when that file is not valid JSON."""
     meta = path / "zarr.json"
     if not meta.is_file():
         return None
-    attrs = json.loads(meta.read_text()).get("attributes", {})
-    return attrs.get("jr_jax", {}).get("config")
+    doc = _read_json(meta, "the zarr group's metadata")
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    ours = attrs.get("jr_jax") if isinstance(attrs, dict) else None
+    config = ours.get("config") if isinstance(ours, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def _is_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder that jr_jax wrote as a dataset, and so may be deleted to overwrite it.
+
+    True for a zarr group carrying jr_jax's configuration attribute, and for the remains of a
+    creation interrupted before that attribute was written (a folder holding jr_jax's ``.jr_jax``
+    marker folder and nothing but a dataset's own entries). Anything else is the user's.
+    """
+    if not path.is_dir():
+        return False
+    try:
+        if _stored_config(path) is not None:
+            return True
+    except DatasetError:  # a corrupt zarr.json: judged by the folder's entries below
+        pass
+    entries = {p.name for p in path.iterdir()}
+    return (path / ".jr_jax").is_dir() and entries <= _DATASET_ENTRIES
+
+
+def _not_a_dataset(path: Path) -> str:
+    what = "a file" if path.is_file() else "a folder" if path.is_dir() else "something"
+    return (f"{path} exists and is not a jr_jax dataset ({what} without jr_jax's dataset marker, a zarr.json "
+            "with jr_jax's configuration), so it will not be deleted or overwritten; choose another path "
+            "(a new or an empty folder), or move it away yourself")
 
 
 def make_dataset(
@@ -199,7 +246,10 @@ def make_dataset(
       the chunk size, not by ``n``); each finished chunk gets a done-marker, written atomically.
     - **Resume**: calling again with the same arguments finishes an interrupted dataset (even one
       killed with ``kill -9``); the result equals an uninterrupted run bit for bit. Different
-      arguments are refused with the list of what differs. ``overwrite=True`` deletes ``path`` first.
+      arguments are refused with the list of what differs. ``overwrite=True`` deletes ``path`` first
+      if it is a jr_jax dataset; any other existing path (a folder that is not a dataset, a file)
+      is refused whatever ``overwrite`` says (nothing of the user's is deleted). An empty folder
+      is used.
     - The protocol must have ``snr_db=None``: measurement noise is added at training time.
     - ``scheduler``: ``None`` (this process, chunks sharded over ``jax.local_devices()``),
       ``"local"`` (a Dask ``LocalCluster`` of 2 worker processes) or a Dask scheduler address;
@@ -224,17 +274,26 @@ def make_dataset(
     path = Path(path)
     config = _config(prior, protocol, n, key, chunk_size, split_seed)
 
-    if path.exists() and overwrite:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if path.exists():
+    # Only a jr_jax dataset is ever deleted (overwrite=True) or resumed; an empty folder is used as
+    # it is; anything else at path (a user's folder or file) is refused, whatever overwrite says.
+    empty_dir = path.is_dir() and not any(path.iterdir())
+    if (path.exists() or path.is_symlink()) and not empty_dir and not _is_dataset(path):
+        raise FileExistsError(_not_a_dataset(path))
+    if path.exists() and not empty_dir and overwrite:
+        if path.is_symlink():
+            raise FileExistsError(f"{path} is a symbolic link to a jr_jax dataset; it is not deleted through the "
+                                  f"link: pass the dataset's own path ({path.resolve()}) to overwrite it")
+        shutil.rmtree(path)  # a jr_jax dataset (checked just above)
+    if path.exists() and not empty_dir:
         stored = _stored_config(path)
         if stored is None:
-            raise FileExistsError(f"{path} exists and is not a jr_jax dataset; choose another path or pass "
-                                  "overwrite=True (--force) to replace it")
+            raise DatasetError(f"{path} holds an unfinished jr_jax dataset whose creation was interrupted before "
+                               "its configuration was written; pass overwrite=True (--force) to start it again")
         diff = _differences(stored, config)
         if diff:
             raise DatasetError(f"{path} holds a dataset made with other arguments; refusing to resume. "
-                               "Differences: " + "; ".join(diff) + ". Use another path or overwrite=True.")
+                               "Differences: " + "; ".join(diff) + ". Use another path or overwrite=True "
+                               "(--force) to replace it.")
     else:
         _create(path, config, prior, protocol)
 

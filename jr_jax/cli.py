@@ -314,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--chunk-size", type=int, default=1024, help="samples per chunk on disk and per solve")
     s.add_argument("--scheduler", default=None,
                    help="Dask: 'local' for a LocalCluster of 2 workers, or a scheduler address (tcp://host:8786)")
-    s.add_argument("--force", action="store_true", help="delete an existing dataset at --out and start again")
+    s.add_argument("--force", action="store_true", help="delete an existing jr_jax dataset at --out (and replace "
+                   "its plot) and start again; anything else at --out (a folder that is not a jr_jax dataset, a "
+                   "file) is never deleted")
     s.set_defaults(func=_simulate)
     t = sub.add_parser("train", help="train the Bi-LSTM on a dataset; write an estimator folder")
     t.add_argument("data", help="dataset made by jr-jax simulate")

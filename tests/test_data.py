@@ -92,8 +92,9 @@ def test_existing_paths_are_never_overwritten_without_the_flag(reference, tmp_pa
     with pytest.raises(DatasetError, match=r"key.data: stored \[0, 5\], requested \[0, 6\]; protocol.n_trials: stored 60, requested 5"):
         make_dataset(Prior(), PROTOCOL.replace(n_trials=5), N, reference.path, key=jax.random.key(6),
                      chunk_size=CHUNK, progress=False)
-    ds = make_dataset(Prior(), PROTOCOL, 8, other, key=KEY, chunk_size=CHUNK, overwrite=True, progress=False)
-    assert ds.complete and not (other / "mine.txt").exists()
+    with pytest.raises(FileExistsError, match="not a jr_jax dataset"):  # not even with the flag
+        make_dataset(Prior(), PROTOCOL, 8, other, key=KEY, chunk_size=CHUNK, overwrite=True, progress=False)
+    assert (other / "mine.txt").read_text() == "keep me"
 
 
 def test_resume_after_kill_9_gives_the_same_bytes(reference, tmp_path):

@@ -1,0 +1,71 @@
+"""Bad input and existing paths: nothing of the user's is deleted, and errors say what is wrong."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jr_jax
+from jr_jax.cli import main
+
+PROTOCOL = dict(n_trials=1)
+
+
+def _make(path, n=2, **kw):
+    return jr_jax.make_dataset(jr_jax.Prior(), jr_jax.Protocol(**PROTOCOL), n, path, key=jax.random.key(0),
+                               chunk_size=2, progress=False, **kw)
+
+
+# --- overwrite never deletes what is not a jr_jax dataset ------------------------------------------
+
+def test_overwrite_refuses_a_folder_that_is_not_a_dataset(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("the user's work")
+    with pytest.raises(FileExistsError, match="is not a jr_jax dataset") as info:
+        _make(folder, overwrite=True)
+    assert str(folder) in str(info.value) and "will not be deleted" in str(info.value)
+    assert "overwrite=True" not in str(info.value) and "--force" not in str(info.value)
+    assert (folder / "keep.txt").read_text() == "the user's work"
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_refuses_a_file(tmp_path):
+    path = tmp_path / "notes.zarr"
+    path.write_text("not a folder")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="is not a jr_jax dataset"):
+            _make(path, overwrite=overwrite)
+    assert path.read_text() == "not a folder"
+
+
+def test_a_foreign_zarr_group_is_not_a_dataset(tmp_path):
+    import zarr
+
+    path = tmp_path / "other.zarr"
+    zarr.open_group(str(path), mode="w").attrs["someone"] = "else"
+    with pytest.raises(FileExistsError, match="is not a jr_jax dataset"):
+        _make(path, overwrite=True)
+    assert dict(zarr.open_group(str(path), mode="r").attrs) == {"someone": "else"}
+
+
+def test_an_empty_folder_is_used_and_a_dataset_is_overwritten(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    ds = _make(folder, n=2)
+    assert ds.complete and ds.erp.shape[0] == 2
+    ds = _make(folder, n=3, overwrite=True)  # a jr_jax dataset: replaced
+    assert ds.complete and jr_jax.load_dataset(folder, verify=True).n == 3
+
+
+def test_cli_simulate_force_keeps_a_users_folder(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("the user's work")
+    assert main(["simulate", "--n", "2", "--trials", "1", "--out", str(folder), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "is not a jr_jax dataset" in err and "--force" not in err
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert (folder / "keep.txt").read_text() == "the user's work"
+    assert not (tmp_path / "mine.png").exists()
