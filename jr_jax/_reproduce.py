@@ -104,6 +104,14 @@ def _slug(snr_db) -> str:
     return "clean" if snr_db is None else f"{snr_db:g}dB"
 
 
+def _read_json(path: Path, what: str, remedy: str):
+    """``path`` parsed as JSON; a ValueError naming the file and saying it is corrupt otherwise."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({what}, not valid JSON: {e}); {remedy}") from None
+
+
 class _Steps:
     """Cached steps: ``steps/NAME.json`` holds a finished step's value and time; a rerun skips it."""
 
@@ -117,7 +125,7 @@ class _Steps:
         path = self.dir / f"{name}.json"
         if path.is_file():
             self.log(f"  {name}: done earlier (cached)")
-            return json.loads(path.read_text())
+            return _read_json(path, f"the cached result of step {name}", "delete it to run that step again")
         self.log(f"  {name} ...")
         t0 = time.perf_counter()
         value = fn()
@@ -169,24 +177,46 @@ def _versions() -> dict:
                                              ("numpy", "numpy"))} | dict(python=platform.python_version())
 
 
+def _is_run_config(saved) -> bool:
+    """Whether a parsed config.json is one that reproduce wrote (a ReproduceConfig as a dict)."""
+    return (isinstance(saved, dict) and isinstance(saved.get("preset"), str)
+            and {"n_levels", "train_levels_db", "test_levels_db", "encoder"} <= set(saved))
+
+
 def _check_out(out: Path, config: ReproduceConfig, force: bool) -> None:
-    """Refuse to mix runs: an existing folder must hold this same configuration (then it resumes)."""
+    """Refuse to mix runs: an existing folder must hold this same configuration (then it resumes).
+
+    ``force`` deletes ``out`` only if it is a jr_jax reproduce run (its ``config.json`` is a
+    reproduce configuration); anything else that exists at ``out`` (a non-empty folder, a file) is
+    refused and left as it is. An empty folder is used.
+    """
     cfg_path = out / CONFIG
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a jr_jax reproduce folder, so it will not be deleted or "
+                              "overwritten; choose another out")
+    saved = None
     if cfg_path.is_file():
-        saved = json.loads(cfg_path.read_text())
+        saved = _read_json(cfg_path, "the run's configuration", "it is not deleted: if the folder is an earlier "
+                           "jr_jax reproduce run, delete the folder yourself, or choose another out")
+        if not _is_run_config(saved):
+            raise FileExistsError(f"{out} is not a jr_jax reproduce folder ({cfg_path} is not a reproduce "
+                                  "configuration), so it will not be deleted or overwritten; choose another out")
+    if saved is not None:
         if saved != config.to_dict():
             if not force:
                 diff = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
                 raise ValueError(f"{out} holds a reproduce run with a different configuration (differs in: "
                                  f"{', '.join(diff)}); pass force=True (--force) to delete it, or choose another out")
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # a jr_jax reproduce run (its config.json says so)
     elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a jr_jax reproduce folder; choose another out")
-    elif force and out.exists():
-        shutil.rmtree(out)
+        raise FileExistsError(f"{out} exists and is not a jr_jax reproduce folder (no {CONFIG} written by "
+                              "jr_jax.reproduce), so it will not be deleted or overwritten, with or without "
+                              "force; choose another out (a new or an empty folder)")
     out.mkdir(parents=True, exist_ok=True)
     if not cfg_path.is_file():
-        cfg_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tmp = out / f".{CONFIG}.tmp"
+        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        os.replace(tmp, cfg_path)
 
 
 def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = "jr_jax_out/quick", *,
@@ -198,7 +228,8 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
     ``"test"`` (seconds), or a :class:`ReproduceConfig`. Steps (datasets, one training per noise
     level, evaluations, sensitivity) are cached under ``out``: running the same call again after an
     interruption continues where it stopped. A folder holding a different configuration is refused
-    unless ``force=True``, which deletes it first. ``scheduler``: simulate the datasets with Dask
+    unless ``force=True``, which deletes it first; a path that is not a reproduce run (a folder
+    with other files, a file) is never deleted. ``scheduler``: simulate the datasets with Dask
     (``"local"`` or a scheduler address, as in :func:`jr_jax.make_dataset`; the data are the same).
     """
     if isinstance(preset, str):
@@ -284,7 +315,8 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
     sens = steps("sensitivity", lambda: _sensitivity(config, protocol, [s for s in test_levels if s is not None],
                                                      key=jax.random.fold_in(key, 2)))["value"]
 
-    step_seconds = {p.stem: json.loads(p.read_text())["seconds"] for p in sorted((out / "steps").glob("*.json"))}
+    step_seconds = {p.stem: _read_json(p, f"the cached result of step {p.stem}", "delete it to run that step again")
+                    ["seconds"] for p in sorted((out / "steps").glob("*.json"))}
     results = dict(
         meta=dict(preset=config.preset, config=config.to_dict(), versions=_versions(), device=_device(),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -402,7 +434,7 @@ def render_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     if not (out / RESULTS).is_file():
         raise FileNotFoundError(f"{out / RESULTS} not found: run jr_jax.reproduce first")
-    res = json.loads((out / RESULTS).read_text())
+    res = _read_json(out / RESULTS, "the run's results", "run jr_jax.reproduce again with the same out to rewrite it")
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     _write_tables(res, out)

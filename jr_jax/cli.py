@@ -84,13 +84,19 @@ def _train(args: argparse.Namespace) -> int:
         ds = load_dataset(args.data)
         encoder = dict(hidden=args.hidden, layers=args.layers, dropout=args.dropout, conv_channels=args.conv_channels,
                        conv_kernel=args.conv_kernel, conv_stride=args.conv_stride)
-        if args.force and (out / "checkpoint").is_dir():  # only once the data are known to load
+        ckpt = out / "checkpoint"
+        if ckpt.exists() and not ckpt.is_dir():
+            raise ValueError(f"{ckpt} is a file, not a jr_jax checkpoint folder; it will not be deleted: "
+                             "choose another --out")
+        # only once the data are known to load, and only a jr_jax checkpoint (train() writes state.json
+        # there; without it training starts afresh anyway, and nothing of the user's is deleted)
+        if args.force and (ckpt / "state.json").is_file() and not ckpt.is_symlink():
             import shutil
 
-            shutil.rmtree(out / "checkpoint")  # --force starts the training afresh
+            shutil.rmtree(ckpt)  # --force starts the training afresh
         est, history = train(ds, snr_db=snr, encoder=encoder, epochs=args.epochs,
                              batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
-                             schedule=args.schedule, seed=args.seed, checkpoint_dir=out / "checkpoint")
+                             schedule=args.schedule, seed=args.seed, checkpoint_dir=ckpt)
     except (ValueError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

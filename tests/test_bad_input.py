@@ -69,3 +69,59 @@ def test_cli_simulate_force_keeps_a_users_folder(tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
     assert (folder / "keep.txt").read_text() == "the user's work"
     assert not (tmp_path / "mine.png").exists()
+
+
+def test_cli_train_force_keeps_a_checkpoint_folder_that_is_not_jr_jax(tmp_path, capsys):
+    data = tmp_path / "d.zarr"
+    _make(data, n=2)
+    out = tmp_path / "model"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "keep.txt").write_text("the user's work")
+    main(["train", str(data), "--out", str(out), "--force", "--epochs", "1", "--hidden", "4", "--batch-size", "2"])
+    assert (out / "checkpoint" / "keep.txt").read_text() == "the user's work"
+
+
+def test_reproduce_force_keeps_a_folder_that_is_not_a_run(tmp_path):
+    from jr_jax._reproduce import _check_out
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's work")
+    (out / "config.json").write_text(json.dumps({"name": "my own settings"}))
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="is not a jr_jax reproduce folder") as info:
+            jr_jax.reproduce("test", out, force=force, progress=False, log=lambda *a: None)
+        assert str(out) in str(info.value) and "will not be deleted" in str(info.value)
+    (out / "config.json").unlink()
+    with pytest.raises(FileExistsError, match="is not a jr_jax reproduce folder"):
+        jr_jax.reproduce("test", out, force=True, progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="not a jr_jax reproduce folder"):
+        _check_out(a_file, jr_jax.PRESETS["test"], force=True)
+    assert a_file.read_text() == "x"
+
+    # a real run with another configuration is replaced with force (and refused without)
+    run = tmp_path / "run"
+    _check_out(run, jr_jax.PRESETS["quick"], force=False)
+    (run / "steps").mkdir()
+    with pytest.raises(ValueError, match="different configuration"):
+        _check_out(run, jr_jax.PRESETS["test"], force=False)
+    _check_out(run, jr_jax.PRESETS["test"], force=True)
+    assert json.loads((run / "config.json").read_text())["preset"] == "test" and not (run / "steps").exists()
+    # an empty folder is used
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _check_out(empty, jr_jax.PRESETS["test"], force=False)
+    assert (empty / "config.json").is_file()
+
+
+def test_a_corrupt_reproduce_config_is_named(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"preset": "test", ')
+    with pytest.raises(ValueError, match=r"config\.json is corrupt") as info:
+        jr_jax.reproduce("test", out, force=True, progress=False, log=lambda *a: None)
+    assert str(out / "config.json") in str(info.value)
+    assert (out / "config.json").exists()
