@@ -179,12 +179,12 @@ def _create(path: Path, config: dict, prior: Prior, protocol: Protocol) -> None:
     group.attrs["jr_jax"] = dict(config=config, versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def _read_json(path: Path, what: str):
+def _read_json(path: Path, what: str, remedy: str):
     """``path`` parsed as JSON; a DatasetError naming the file if it is not valid JSON."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path} is corrupt ({what} is not valid JSON: {e})") from None
+        raise DatasetError(f"{path} is corrupt ({what} is not valid JSON: {e}); {remedy}") from None
 
 
 def _stored_config(path: Path) -> dict | None:
@@ -194,7 +194,8 @@ def _stored_config(path: Path) -> dict | None:
     meta = path / "zarr.json"
     if not meta.is_file():
         return None
-    doc = _read_json(meta, "the zarr group's metadata")
+    doc = _read_json(meta, "the zarr group's metadata", "if the folder is a jr_jax dataset, make it again "
+                     "(make_dataset with overwrite=True, or jr-jax simulate --force)")
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     ours = attrs.get("jr_jax") if isinstance(attrs, dict) else None
     config = ours.get("config") if isinstance(ours, dict) else None
@@ -431,6 +432,8 @@ class Dataset:
         import zarr
 
         self.path = Path(path)
+        if not self.path.exists():
+            raise DatasetNotFoundError(f"{self.path} does not exist (no file or folder there, so no jr_jax dataset)")
         config = _stored_config(self.path)
         if config is None:
             raise DatasetError(f"{self.path} is not a jr_jax dataset (no zarr group with jr_jax attributes)")
@@ -481,18 +484,28 @@ class Dataset:
         """Valid samples among the finished chunks (read from the done-markers)."""
         total = 0
         for c in _done_chunks(self.path):
-            total += json.loads((self.path / _DONE / f"{c}.json").read_text())["n_valid"]
+            marker = _read_json(self.path / _DONE / f"{c}.json", f"the done-marker of chunk {c}",
+                                "run make_dataset with the same arguments to recompute that chunk")
+            if not (isinstance(marker, dict) and isinstance(marker.get("n_valid"), int)):
+                raise DatasetError(f"{self.path / _DONE / f'{c}.json'} is corrupt (the done-marker of chunk {c} "
+                                   "has no n_valid); run make_dataset with the same arguments to recompute it")
+            total += marker["n_valid"]
         return total
 
     def verify(self, chunks: list[int] | None = None) -> list[int]:
         """Chunks (of the finished ones, or of ``chunks``) whose bytes do not match their digests.
 
-        A chunk file that is truncated or corrupt fails to decode or to match; it is named here.
+        A chunk file that is truncated or corrupt fails to decode or to match; it is named here, and
+        so is a chunk whose done-marker is unreadable (make_dataset recomputes both).
         """
         bad = []
         for c in sorted(_done_chunks(self.path)) if chunks is None else chunks:
-            marker = json.loads((self.path / _DONE / f"{c}.json").read_text())
-            lo, hi = marker["start"], marker["stop"]
+            try:
+                marker = json.loads((self.path / _DONE / f"{c}.json").read_text())
+                lo, hi = marker["start"], marker["stop"]
+            except (OSError, ValueError, KeyError, TypeError):  # a corrupt marker: the chunk is unverified
+                bad.append(c)
+                continue
             try:
                 blocks = dict(theta=self.theta[lo:hi], erp=self.erp[lo:hi], valid=self.valid[lo:hi])
                 ok = all(_digest(np.asarray(blocks[k])) == marker["sha256"][k] for k in blocks)

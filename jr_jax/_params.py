@@ -43,10 +43,27 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _as_float_array(x):
+def _as_float_array(x, name: str | None = None):
     if isinstance(x, jax.Array) or isinstance(x, np.ndarray) and x.dtype.kind == "f":
         return jnp.asarray(x)
-    return jnp.asarray(x, dtype=float)
+    field = f"JRParams.{name}" if name else "a JRParams field"
+    if isinstance(x, (str, bytes)) or isinstance(x, np.ndarray) and x.dtype.kind in "OSUV":
+        raise TypeError(f"{field} must be a number or an array of numbers, got {x!r:.80} ({type(x).__name__})")
+    try:
+        return jnp.asarray(x, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{field} must be a number or an array of numbers, got {x!r:.80} ({type(x).__name__}): "
+                        f"{e}") from None
+
+
+def _converter(name: str):
+    """The converter of field ``name``: its errors name the field."""
+
+    def convert(x):
+        return _as_float_array(x, name)
+
+    convert.__name__ = f"_as_float_array_{name}"
+    return convert
 
 
 class JRParams(eqx.Module):
@@ -62,20 +79,20 @@ class JRParams(eqx.Module):
     2000 of Ableidinger et al. 2017); ``v0`` (mV), ``e0`` (s^-1), ``r`` (mV^-1): sigmoid.
     """
 
-    A_e: Float[Array, "*batch"] = eqx.field(default=3.25, converter=_as_float_array)
-    A_i: Float[Array, "*batch"] = eqx.field(default=22.0, converter=_as_float_array)
-    b_e: Float[Array, "*batch"] = eqx.field(default=100.0, converter=_as_float_array)
-    b_i: Float[Array, "*batch"] = eqx.field(default=50.0, converter=_as_float_array)
-    C: Float[Array, "*batch"] = eqx.field(default=135.0, converter=_as_float_array)
-    a_1: Float[Array, "*batch"] = eqx.field(default=1.0, converter=_as_float_array)
-    a_2: Float[Array, "*batch"] = eqx.field(default=0.8, converter=_as_float_array)
-    a_3: Float[Array, "*batch"] = eqx.field(default=0.25, converter=_as_float_array)
-    a_4: Float[Array, "*batch"] = eqx.field(default=0.25, converter=_as_float_array)
-    mu: Float[Array, "*batch"] = eqx.field(default=220.0, converter=_as_float_array)
-    sigma: Float[Array, "*batch"] = eqx.field(default=0.0, converter=_as_float_array)
-    v0: Float[Array, "*batch"] = eqx.field(default=6.0, converter=_as_float_array)
-    e0: Float[Array, "*batch"] = eqx.field(default=2.5, converter=_as_float_array)
-    r: Float[Array, "*batch"] = eqx.field(default=0.56, converter=_as_float_array)
+    A_e: Float[Array, "*batch"] = eqx.field(default=3.25, converter=_converter("A_e"))
+    A_i: Float[Array, "*batch"] = eqx.field(default=22.0, converter=_converter("A_i"))
+    b_e: Float[Array, "*batch"] = eqx.field(default=100.0, converter=_converter("b_e"))
+    b_i: Float[Array, "*batch"] = eqx.field(default=50.0, converter=_converter("b_i"))
+    C: Float[Array, "*batch"] = eqx.field(default=135.0, converter=_converter("C"))
+    a_1: Float[Array, "*batch"] = eqx.field(default=1.0, converter=_converter("a_1"))
+    a_2: Float[Array, "*batch"] = eqx.field(default=0.8, converter=_converter("a_2"))
+    a_3: Float[Array, "*batch"] = eqx.field(default=0.25, converter=_converter("a_3"))
+    a_4: Float[Array, "*batch"] = eqx.field(default=0.25, converter=_converter("a_4"))
+    mu: Float[Array, "*batch"] = eqx.field(default=220.0, converter=_converter("mu"))
+    sigma: Float[Array, "*batch"] = eqx.field(default=0.0, converter=_converter("sigma"))
+    v0: Float[Array, "*batch"] = eqx.field(default=6.0, converter=_converter("v0"))
+    e0: Float[Array, "*batch"] = eqx.field(default=2.5, converter=_converter("e0"))
+    r: Float[Array, "*batch"] = eqx.field(default=0.56, converter=_converter("r"))
 
     names: ClassVar[tuple[str, ...]] = PARAMETER_NAMES
 
@@ -228,8 +245,12 @@ class Prior(eqx.Module):
 
     def _bound(self, name: str) -> tuple[float, float]:
         if self.bounds and name in self.bounds:
-            lo, hi = self.bounds[name]
-            return float(lo), float(hi)
+            try:
+                lo, hi = self.bounds[name]
+                return float(lo), float(hi)
+            except (TypeError, ValueError):
+                raise ValueError(f"Prior bounds for {name}: need two numbers (low, high), "
+                                 f"got {self.bounds[name]!r:.80}") from None
         rng = PARAMETER_INFO[name][2]
         if rng is None:
             raise ValueError(f"Prior: {name} has no default range; pass bounds={{'{name}': (low, high)}}")

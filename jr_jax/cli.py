@@ -49,10 +49,11 @@ def _info(args: argparse.Namespace) -> int:
 
     try:
         ds = load_dataset(args.path, verify=args.verify)
+        summary = ds.summary()
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(ds.summary())
+    print(summary)
     if args.verify:
         print("  verify: every finished chunk matches its SHA-256 digest")
     return 0

@@ -125,3 +125,52 @@ def test_a_corrupt_reproduce_config_is_named(tmp_path):
         jr_jax.reproduce("test", out, force=True, progress=False, log=lambda *a: None)
     assert str(out / "config.json") in str(info.value)
     assert (out / "config.json").exists()
+
+
+# --- errors that say what is wrong -----------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["abc", None, ["1", "x"], object()])
+def test_jrparams_names_the_field_that_is_not_a_number(value):
+    with pytest.raises((TypeError, ValueError), match=r"JRParams\.A_i must be a number or an array"):
+        jr_jax.JRParams(A_i=value)
+
+
+def test_prior_bounds_that_are_not_numbers_are_named():
+    with pytest.raises(ValueError, match=r"Prior bounds for A_e: need two numbers"):
+        jr_jax.Prior(bounds={"A_e": ("low", 3.0)})
+
+
+def test_a_missing_dataset_is_said_not_to_exist(tmp_path, capsys):
+    missing = tmp_path / "nothere.zarr"
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        jr_jax.load_dataset(missing)
+    assert isinstance(info.value, jr_jax.DatasetError) and str(missing) in str(info.value)
+    assert main(["info", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "not a jr_jax dataset" not in err
+    with pytest.raises(jr_jax.DatasetError, match="is not a jr_jax dataset"):  # exists, but is not one
+        jr_jax.load_dataset(tmp_path)
+
+
+def test_a_corrupt_dataset_metadata_file_is_named(tmp_path, capsys):
+    path = tmp_path / "d.zarr"
+    _make(path, n=3)
+    marker = path / ".jr_jax" / "done" / "1.json"
+    marker.write_text('{"chunk": 1, "start"')
+    ds = jr_jax.load_dataset(path)
+    assert ds.verify() == [1]  # an unreadable done-marker: that chunk is unverified
+    with pytest.raises(jr_jax.DatasetError, match=r"1\.json is corrupt") as info:
+        ds.n_valid()
+    assert str(marker) in str(info.value)
+    assert main(["info", str(path)]) == 2 and "1.json is corrupt" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"chunk\(s\) \[1\] do not match"):
+        assert _make(path, n=3).complete  # resuming recomputes that chunk
+    assert jr_jax.load_dataset(path, verify=True).n_valid() == 3
+
+    (path / "zarr.json").write_text("{not json")
+    with pytest.raises(jr_jax.DatasetError, match=r"zarr\.json is corrupt") as info:
+        jr_jax.load_dataset(path)
+    assert str(path / "zarr.json") in str(info.value)
+    with pytest.raises(jr_jax.DatasetError, match=r"zarr\.json is corrupt"):
+        _make(path, n=3)
+    assert _make(path, n=3, overwrite=True).complete  # still recognisably jr_jax's: replaced
