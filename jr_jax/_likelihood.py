@@ -1,0 +1,377 @@
+"""The exact likelihood of an ERP under noise-free dynamics plus Gaussian measurement noise, and the
+correction of amortised posterior draws by it (Pareto-smoothed importance sampling, with tempered
+SMC from BlackJAX as the fallback).
+
+Observation models (``x``: the ERP, ``f(theta)``: the noise-free simulated ERP, both in mV, n samples):
+
+- ``noise_sd=s`` (known SD, e.g. from a recording's baseline):
+  ``log p(x | theta) = -||x - f(theta)||^2 / (2 s^2) - n log(s sqrt(2 pi))``;
+- ``snr_db=d`` (the SD follows the simulated ERP's power, as in training and ``Protocol.snr_db``):
+  the same with ``s(theta) = rms(f(theta)) / 10^(d / 20)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._flow import from_unbounded, log_jacobian
+from ._params import Prior
+from ._simulate import Protocol, simulate
+from ._solve import as_typed_key
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _check_noise(noise_sd, snr_db) -> None:
+    if (noise_sd is None) == (snr_db is None):
+        raise ValueError("give exactly one of noise_sd (the measurement noise SD, mV) or snr_db (dB)")
+    if noise_sd is not None and not (isinstance(noise_sd, (int, float, np.floating)) and math.isfinite(noise_sd)
+                                     and noise_sd > 0):
+        raise ValueError(f"noise_sd must be a finite number > 0 (mV), got {noise_sd!r}")
+    if snr_db is not None and not (isinstance(snr_db, (int, float, np.floating)) and math.isfinite(snr_db)):
+        raise ValueError(f"snr_db must be a finite number (dB), got {snr_db!r}")
+
+
+def _clean_protocol(protocol: Protocol, prior: Prior) -> Protocol:
+    if not isinstance(protocol, Protocol):
+        raise TypeError(f"protocol must be a jr_jax.Protocol, got {type(protocol).__name__}")
+    if not isinstance(prior, Prior):
+        raise TypeError(f"prior must be a jr_jax.Prior, got {type(prior).__name__}")
+    if "sigma" in prior.names or float(prior.base.sigma) != 0.0:
+        raise ValueError("the exact likelihood needs noise-free dynamics: the prior's sigma must be fixed at 0")
+    return protocol.replace(snr_db=None)
+
+
+def _gaussian_loglik(sim, erp, noise_sd, snr_db):
+    """``sim (n, n_times[, C])`` against ``erp (n_times[, C])``: ``(n,)``; -inf for diverged rows."""
+    axes = tuple(range(1, sim.ndim))
+    m = math.prod(sim.shape[1:])
+    if noise_sd is not None:
+        s2 = jnp.asarray(noise_sd, sim.dtype) ** 2
+        log_s2 = jnp.log(s2)
+    else:
+        s2 = jnp.mean(sim**2, axis=axes) / 10.0 ** (snr_db / 10.0)
+        log_s2 = jnp.log(s2)
+    ll = -0.5 * jnp.sum((sim - erp) ** 2, axis=axes) / s2 - 0.5 * m * (log_s2 + _LOG_2PI)
+    return jnp.where(jnp.isfinite(ll), ll, -jnp.inf)
+
+
+def log_likelihood(theta, erp, *, protocol: Protocol, prior: Prior, noise_sd: float | None = None,
+                   snr_db: float | None = None, chunk_size: int = 1024) -> np.ndarray:
+    """``log p(erp | theta)`` for parameter sets ``theta (n, n_params)`` (in the order of
+    ``prior.names``, other parameters at ``prior.base``) and one ERP ``erp`` (mV, the protocol's
+    ``output_shape``). Returns ``(n,)`` (float64 on the host); ``-inf`` where a trajectory diverges.
+
+    One batched :func:`jr_jax.simulate` call (noise-free dynamics, ``chunk_size`` at a time) gives
+    every ERP. ``noise_sd`` or ``snr_db`` chooses the observation model (module docstring).
+    """
+    _check_noise(noise_sd, snr_db)
+    protocol = _clean_protocol(protocol, prior)
+    theta = np.asarray(theta, np.float64)
+    if theta.ndim != 2 or theta.shape[1] != len(prior.names):
+        raise ValueError(f"theta must have shape (n, {len(prior.names)}) in the order {prior.names}, got {theta.shape}")
+    erp = _check_erp(erp, protocol)
+    sim = simulate(prior.to_params(jnp.asarray(theta, jnp.float32)), protocol, chunk_size=chunk_size)
+    return np.asarray(_gaussian_loglik(jnp.asarray(sim), jnp.asarray(erp, jnp.float32), noise_sd, snr_db), np.float64)
+
+
+def _check_erp(erp, protocol: Protocol) -> np.ndarray:
+    try:
+        x = np.asarray(erp, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError("erp must be an array of numbers (mV)") from None
+    if x.shape != protocol.output_shape:
+        raise ValueError(f"erp must have the protocol's shape {protocol.output_shape} ({protocol.tmin} to "
+                         f"{protocol.tmax} s at {protocol.fs} Hz); got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("erp has NaN or infinite values")
+    return x
+
+
+def log_prior(prior: Prior, theta) -> np.ndarray:
+    """Log density of ``prior`` at ``theta (..., n_params)`` (``-inf`` outside its box).
+
+    Uniform: ``-sum log(high - low)``. Normal: the study's normal (mean at the middle, SD a quarter
+    of the range) truncated to the range, i.e. at +-2 SD.
+    """
+    return _log_prior(prior, np.asarray(theta, np.float64), np)
+
+
+def _log_prior(prior: Prior, theta, xp=jnp):
+    """:func:`log_prior` with the array module ``xp`` (numpy on the host, jax.numpy when traced)."""
+    lows, highs = xp.asarray(prior.lows, theta.dtype), xp.asarray(prior.highs, theta.dtype)
+    inside = xp.all((theta >= lows) & (theta <= highs), axis=-1)
+    if prior.kind == "uniform":
+        lp = -xp.sum(xp.log(highs - lows)) * xp.ones(theta.shape[:-1], theta.dtype)
+    else:
+        mid, sd = (lows + highs) / 2, (highs - lows) / 4
+        z = (theta - mid) / sd
+        log_mass = math.log(math.erf(math.sqrt(2.0)))  # P(|Z| < 2) of a standard normal
+        lp = xp.sum(-0.5 * z**2 - xp.log(sd) - 0.5 * _LOG_2PI - log_mass, axis=-1)
+    return xp.where(inside, lp, -xp.inf)
+
+
+# --- Pareto-smoothed importance sampling --------------------------------------------------------
+
+
+def _gpd_fit(x: np.ndarray) -> tuple[float, float]:
+    """Shape k and scale of a generalized Pareto fitted to exceedances ``x > 0`` (sorted ascending):
+    the empirical-Bayes estimator of Zhang & Stephens (2009), with the weakly informative shrinkage
+    of k towards 0.5 of Vehtari et al. (PSIS, 2024)."""
+    n = len(x)
+    m = 30 + int(math.sqrt(n))
+    theta = 1.0 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))
+    theta = theta / (3.0 * x[int(n / 4 + 0.5) - 1]) + 1.0 / x[-1]
+    k = np.mean(np.log1p(-theta[:, None] * x[None, :]), axis=1)  # (m,)
+    profile = n * (np.log(-theta / k) - k - 1.0)
+    w = np.exp(profile - np.logaddexp.reduce(profile))  # posterior weights of the grid of theta
+    theta_hat = float(np.sum(theta * w))
+    k_hat = float(np.mean(np.log1p(-theta_hat * x)))
+    scale = -k_hat / theta_hat
+    k_hat = (n * k_hat + 10 * 0.5) / (n + 10)
+    return k_hat, scale
+
+
+def psis(log_weights) -> tuple[np.ndarray, float]:
+    """Pareto-smoothed importance sampling (Vehtari, Simpson, Gelman, Yao & Gabry, 2024).
+
+    ``log_weights (S,)`` (unnormalised; ``-inf`` allowed). Returns the smoothed, normalised log
+    weights and the Pareto shape estimate k-hat of the weights' upper tail: k-hat <= 0.7 means the
+    importance-sampling estimate is reliable; above it, it is not (use another sampler).
+    """
+    lw = np.asarray(log_weights, np.float64).copy()
+    s = lw.size
+    finite = np.isfinite(lw)
+    if finite.sum() < 2:
+        return np.full_like(lw, -np.inf), math.inf
+    lw[~finite] = -np.inf
+    lw = lw - lw[finite].max()
+    m = int(math.ceil(min(0.2 * s, 3.0 * math.sqrt(s))))
+    order = np.argsort(lw)
+    k_hat = math.inf
+    n_finite = int(finite.sum())
+    if m >= 5 and n_finite > m:
+        tail = order[-m:]
+        cutoff = lw[order[-m - 1]]
+        exceed = np.exp(lw[tail]) - np.exp(cutoff)
+        if np.all(exceed > 0):
+            k_hat, scale = _gpd_fit(np.sort(exceed))
+            # replace the tail by the fitted distribution's quantiles, capped at the largest raw weight
+            p = (np.arange(1, m + 1) - 0.5) / m
+            if abs(k_hat) > 1e-8:
+                q = scale / k_hat * ((1.0 - p) ** (-k_hat) - 1.0)
+            else:
+                q = -scale * np.log1p(-p)
+            lw[tail] = np.minimum(np.log(q + np.exp(cutoff)), 0.0)
+        else:  # ties in the tail: no fit possible; flag it rather than report a number
+            k_hat = math.inf
+    lw = lw - np.logaddexp.reduce(lw[np.isfinite(lw)])
+    return lw, float(k_hat)
+
+
+def effective_sample_size(log_weights) -> float:
+    """Kish's ESS ``1 / sum(w^2)`` of normalised weights given as logs."""
+    lw = np.asarray(log_weights, np.float64)
+    lw = lw - np.logaddexp.reduce(lw)
+    return float(1.0 / np.sum(np.exp(2 * lw)))
+
+
+# --- correction of amortised draws ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorrectedPosterior:
+    """Posterior draws of one ERP corrected by the exact likelihood.
+
+    - ``samples (n, n_params)``: equally weighted draws of p(theta | erp) (parameters' units);
+    - ``method``: ``"importance"`` (PSIS-reweighted NPE draws, resampled) or ``"smc"`` (tempered SMC
+      from the NPE approximation to the posterior, used when k-hat > ``khat_threshold``);
+    - ``pareto_k``, ``ess``: the importance step's k-hat and effective sample size (ESS of the
+      smoothed weights, out of ``proposal.shape[0]``);
+    - ``log_evidence``: the importance (or SMC) estimate of log p(erp);
+    - ``proposal`` and ``log_weights``: the NPE draws and their smoothed normalised log weights;
+    - ``diagnostics``: further numbers (SMC: tempering steps, acceptance rate, final ESS, the
+      likelihood evaluations spent), ``converged``: whether the sampler's own checks passed.
+    """
+
+    samples: np.ndarray
+    names: tuple[str, ...]
+    units: tuple[str, ...]
+    method: str
+    pareto_k: float
+    ess: float
+    log_evidence: float
+    proposal: np.ndarray
+    log_weights: np.ndarray
+    converged: bool
+    diagnostics: dict = field(default_factory=dict)
+
+    def summary(self, level: float = 0.9, prior_sd=None):
+        """:class:`jr_jax.PosteriorSummary` of :attr:`samples`."""
+        from ._summary import PosteriorSummary
+
+        return PosteriorSummary.from_draws(self.samples, self.names, self.units, level=level, prior_sd=prior_sd)
+
+
+def _systematic(key, log_w: np.ndarray, n: int) -> np.ndarray:
+    w = np.exp(log_w - np.logaddexp.reduce(log_w))
+    u = (float(jax.random.uniform(key)) + np.arange(n)) / n
+    idx = np.searchsorted(np.cumsum(w), u, side="left")
+    return np.minimum(idx, len(w) - 1)
+
+
+def correct_posterior(estimator, erp, *, key, noise_sd: float | None = None, snr_db: float | None = None,
+                      n: int = 2000, protocol: Protocol | None = None, prior: Prior | None = None,
+                      khat_threshold: float = 0.7, smc_particles: int = 1000, smc_mcmc_steps: int = 10,
+                      max_smc_steps: int = 60) -> CorrectedPosterior:
+    """Correct the amortised posterior of one ERP by the exact likelihood.
+
+    Draws ``n`` parameter sets from ``estimator.sample`` (a posterior estimator), weights them by
+    ``log p(erp | theta) + log prior(theta) - log q(theta | erp)`` (:func:`log_likelihood`,
+    :func:`log_prior`) with Pareto smoothing (:func:`psis`), and resamples ``n`` draws. When the
+    weights' k-hat exceeds ``khat_threshold`` the importance estimate is unreliable and adaptive
+    tempered SMC (BlackJAX; ``smc_particles`` particles, ``smc_mcmc_steps`` random-walk
+    Metropolis moves per step, proposal scaled from the particles' covariance) moves from the NPE
+    approximation to the posterior instead, with the likelihood batched over the particles.
+
+    - ``erp``: one ERP in mV on the estimator's grid;
+    - ``noise_sd`` (mV) or ``snr_db``: the observation model (module docstring);
+    - ``protocol``/``prior``: default to those recorded in the estimator's manifest (the prior's
+      ``sigma`` must be 0: the likelihood is exact for noise-free dynamics).
+    """
+    _check_noise(noise_sd, snr_db)
+    if estimator.kind != "posterior":
+        raise TypeError("correct_posterior needs a posterior estimator (jr_jax.train(..., kind='posterior'))")
+    for name, value, low in (("n", n, 10), ("smc_particles", smc_particles, 10), ("smc_mcmc_steps", smc_mcmc_steps, 1),
+                             ("max_smc_steps", max_smc_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    key = as_typed_key(key)
+    if protocol is None:
+        if not estimator.manifest.get("protocol"):
+            raise ValueError("the estimator's manifest records no protocol: pass protocol=")
+        protocol = Protocol.from_dict(estimator.manifest["protocol"])
+    if prior is None:
+        if not estimator.manifest.get("prior"):
+            raise ValueError("the estimator's manifest records no prior: pass prior=")
+        prior = Prior.from_dict(estimator.manifest["prior"])
+    if tuple(prior.names) != estimator.names:
+        raise ValueError(f"prior names {prior.names} differ from the estimator's {estimator.names}")
+    protocol = _clean_protocol(protocol, prior)
+    x = _check_erp(erp, protocol)
+    k_draw, k_res, k_smc = jax.random.split(key, 3)
+
+    draws = estimator.sample(x, n, key=k_draw)
+    log_q = estimator.log_prob(draws, x)
+    ll = log_likelihood(draws, x, protocol=protocol, prior=prior, noise_sd=noise_sd, snr_db=snr_db)
+    raw = ll + log_prior(prior, draws) - log_q
+    lw, k_hat = psis(raw)
+    ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
+    finite = raw[np.isfinite(raw)]
+    log_z = float(np.logaddexp.reduce(finite) - math.log(len(raw))) if finite.size else -math.inf
+    common = dict(names=estimator.names, units=estimator.units, pareto_k=k_hat, ess=ess, proposal=draws,
+                  log_weights=lw)
+    if k_hat <= khat_threshold:
+        idx = _systematic(k_res, lw, n)
+        return CorrectedPosterior(samples=draws[idx], method="importance", log_evidence=log_z, converged=True,
+                                  diagnostics=dict(n_proposal=n, likelihood_evaluations=n), **common)
+    samples, log_z_smc, diag = _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, k_smc, smc_particles,
+                                             smc_mcmc_steps, max_smc_steps)
+    diag.update(n_proposal=n, likelihood_evaluations=diag["likelihood_evaluations"] + n)
+    return CorrectedPosterior(samples=samples, method="smc", log_evidence=log_z_smc,
+                              converged=diag["reached_posterior"] and diag["acceptance_rate"] > 0.05,
+                              diagnostics=diag, **common)
+
+
+def batched_loglik_fn(prior: Prior, protocol: Protocol, erp, noise_sd, snr_db):
+    """``z (n_params,) -> log p(erp | theta(z))`` whose ``jax.vmap`` runs one batched simulation
+    over the whole batch (``jax.custom_batching.custom_vmap``): samplers written per particle get
+    the speed of :func:`jr_jax.simulate` on a batch. Not differentiable."""
+    lows, highs = jnp.asarray(prior.lows, jnp.float32), jnp.asarray(prior.highs, jnp.float32)
+    erp = jnp.asarray(erp, jnp.float32)
+
+    def batch(z):  # (B, d)
+        sim = simulate(prior.to_params(from_unbounded(z, lows, highs)), protocol, chunk_size=z.shape[0])
+        return _gaussian_loglik(sim, erp, noise_sd, snr_db)
+
+    @jax.custom_batching.custom_vmap
+    def one(z):
+        return batch(z[None])[0]
+
+    @one.def_vmap
+    def _rule(axis_size, in_batched, z):
+        (batched,) = in_batched
+        if not batched:
+            z = jnp.broadcast_to(z, (axis_size,) + z.shape)
+        return batch(z), True
+
+    return one
+
+
+def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_particles, mcmc_steps, max_steps):
+    """Adaptive tempered SMC from q(z | x) (the NPE in unbounded coordinates) to the posterior:
+    pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1 chosen to keep the ESS at half."""
+    import blackjax
+
+    from ._estimator import _embed_jit
+
+    lows, highs = jnp.asarray(prior.lows, jnp.float32), jnp.asarray(prior.highs, jnp.float32)
+    emb = _embed_jit(estimator, jnp.asarray(estimator._check(x, None)))[0]  # (1, T, C) -> one embedding
+    net = estimator.encoder
+    loglik = batched_loglik_fn(prior, protocol, x, noise_sd, snr_db)
+
+    def log_q(z):
+        return net.log_prob_z(z[None], emb[None])[0]
+
+    def log_target_over_q(z):
+        theta = from_unbounded(z, lows, highs)
+        lt = loglik(z) + _log_prior(prior, theta) + log_jacobian(z, lows, highs)
+        return jnp.where(jnp.isfinite(lt), lt - log_q(z), -jnp.inf)
+
+    add_step = blackjax.additive_step_random_walk.build_kernel()
+
+    def rw_step(rng_key, state, logdensity_fn, chol):
+        return add_step(rng_key, state, logdensity_fn, lambda k, pos: chol @ jax.random.normal(k, pos.shape))
+
+    smc = blackjax.adaptive_tempered_smc(log_q, log_target_over_q, rw_step, blackjax.rmh.init,
+                                         dict(chol=jnp.eye(len(prior.names))[None]), blackjax.smc.resampling.systematic,
+                                         0.5, num_mcmc_steps=mcmc_steps)
+
+    @jax.jit
+    def step(k, state, chol):
+        kernel = blackjax.adaptive_tempered_smc(
+            log_q, log_target_over_q, rw_step, blackjax.rmh.init, dict(chol=chol[None]),
+            blackjax.smc.resampling.systematic, 0.5, num_mcmc_steps=mcmc_steps)
+        new, info = kernel.step(k, state)
+        return new, info.log_likelihood_increment, jnp.mean(info.update_info.is_accepted)
+
+    k0, key = jax.random.split(key)
+    z0 = net.sample_z(k0, n_particles, emb)
+    state = smc.init(z0)
+    log_z, steps, acc, betas = 0.0, 0, [], []
+    d = z0.shape[-1]
+    while float(state.tempering_param) < 1.0 and steps < max_steps:
+        key, k = jax.random.split(key)
+        z, w = state.particles, state.weights
+        mean = jnp.sum(w[:, None] * z, axis=0)
+        cov = (w[:, None] * (z - mean)).T @ (z - mean) + 1e-6 * jnp.eye(d)
+        chol = (2.38 / math.sqrt(d)) * jnp.linalg.cholesky(cov)
+        state, inc, a = step(k, state, chol)
+        log_z += float(inc)
+        acc.append(float(a))
+        betas.append(float(state.tempering_param))
+        steps += 1
+    theta = np.asarray(from_unbounded(state.particles, lows, highs), np.float64)
+    finite_particles = bool(np.all(np.isfinite(theta)))
+    w = np.asarray(state.weights, np.float64)
+    diag = dict(smc_steps=steps, temperatures=betas, acceptance_rate=float(np.mean(acc)) if acc else 0.0,
+                acceptance_per_step=acc, final_ess=float(1.0 / np.sum(w**2)), particles=n_particles,
+                reached_posterior=bool(float(state.tempering_param) >= 1.0) and finite_particles,
+                likelihood_evaluations=steps * n_particles * (mcmc_steps + 1))
+    idx = _systematic(key, np.log(np.maximum(w, 1e-300)), n_particles)
+    return theta[idx], log_z, diag
