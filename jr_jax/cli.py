@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -153,6 +152,8 @@ def _infer(args: argparse.Namespace) -> int:
 
             if args.fs is not None:
                 raise ValueError("--fs is for .npy/.csv files: an Evoked file states its own rate")
+            if args.units is not None:
+                raise ValueError("--units is for .npy/.csv files: an Evoked file states its own unit (volts)")
             condition = int(args.condition) if args.condition.isdigit() else args.condition
             erp, names = from_evoked(path, picks, estimator=est, condition=condition,
                                      reference=None if args.reference == "none" else "average", return_ch_names=True)
@@ -163,11 +164,7 @@ def _infer(args: argparse.Namespace) -> int:
                 raise ValueError("--fs (Hz) is required for .npy/.csv files")
             if picks is not None:
                 raise ValueError("--picks is for Evoked (.fif) files")
-            if path.suffix == ".npy":
-                erp = np.load(path)
-            else:
-                erp = np.loadtxt(path, delimiter=",", ndmin=2)
-                erp = erp[0] if erp.shape[0] == 1 else erp
+            erp = _read_erp_file(path, args.units)
             theta = np.atleast_2d(est.predict_array(erp, fs=args.fs))
             labels = [str(i) for i in range(len(theta))]
         else:
@@ -181,6 +178,65 @@ def _infer(args: argparse.Namespace) -> int:
     for lab, row in zip(labels, theta):
         print(f"{lab:<{width}s} " + " ".join(f"{v:14.4g}" for v in row))
     return 0
+
+
+#: --units of an ERP file -> factor to mV
+_ERP_UNITS = {"mV": 1.0, "uV": 1e-3, "V": 1e3}
+_CSV_LAYOUT = ("a .csv ERP file holds comma-separated numbers in the unit given by --units: one ERP per row "
+               "(one column per time sample), or a single ERP as one column (one number per row); one "
+               "first line of column names may precede them")
+
+
+def _read_erp_file(path: Path, units: str | None):
+    """The ERP(s) of a .npy or .csv file in mV, from a file in ``units`` (mV, uV or V; required).
+
+    A .csv file holds one ERP per row, or a single ERP as one column; a first line that is not
+    numbers (column names) is skipped. Returns ``(n_times,)`` for one ERP, else the file's array.
+    """
+    import numpy as np
+
+    if units is None:
+        raise ValueError(f"--units (one of {', '.join(_ERP_UNITS)}) is required for .npy/.csv files: the file "
+                         "does not say its unit, and none is guessed")
+    if units not in _ERP_UNITS:
+        raise ValueError(f"--units must be one of {', '.join(_ERP_UNITS)}, got {units!r}")
+    if path.suffix == ".npy":
+        try:
+            erp = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a NumPy .npy file of numbers ({e})") from None
+        if not isinstance(erp, np.ndarray) or erp.dtype.kind not in "biuf":
+            raise ValueError(f"{path} must hold an array of numbers (one ERP per row, in {units}), got "
+                             f"{getattr(erp, 'dtype', type(erp).__name__)}")
+    else:
+        lines = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+
+        def numbers(line):
+            fields = [f.strip() for f in line.split(",")]
+            if len(fields) > 1 and fields[-1] == "":  # a trailing comma
+                fields = fields[:-1]
+            return [float(f) for f in fields]
+
+        if lines:
+            try:
+                numbers(lines[0][1])
+            except ValueError:
+                lines = lines[1:]  # a header line (column names)
+        if not lines:
+            raise ValueError(f"{path} holds no numbers; {_CSV_LAYOUT}")
+        rows = []
+        for i, line in lines:
+            try:
+                rows.append(numbers(line))
+            except ValueError:
+                raise ValueError(f"{path}, line {i}: not comma-separated numbers ({line[:60]!r}); "
+                                 f"{_CSV_LAYOUT}") from None
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(f"{path}: the rows hold different numbers of values "
+                             f"({sorted({len(r) for r in rows})}); {_CSV_LAYOUT}")
+        erp = np.asarray(rows, dtype=float)
+        erp = erp[0] if erp.shape[0] == 1 else erp[:, 0] if erp.shape[1] == 1 else erp
+    return np.asarray(erp, dtype=float) * _ERP_UNITS[units]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -292,98 +348,130 @@ def _use_all_cpu_cores() -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={os.cpu_count() or 1}".strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    _use_all_cpu_cores()
-    parser = argparse.ArgumentParser(prog="jr-jax", description="Jansen-Rit ERPs in JAX")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help: argparse's "(default: X)" unless the text states its own
+    "(default: ...)"; flags (options without a value) are off unless given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.nargs == 0 or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jr-jax", description="Jansen-Rit ERPs in JAX", formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("reproduce", help="the study end to end: simulate, train at each noise level, evaluate, "
-                       "sensitivity; writes report.md/.html, results.json, CSV tables and figures")
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    r = command("reproduce", "the study end to end: simulate, train at each noise level, evaluate, sensitivity; "
+                "writes report.md/.html, results.json, CSV tables and figures", _reproduce)
     r.add_argument("--preset", choices=["quick", "study", "test"], default="quick",
-                   help="quick: a few minutes on a 2-core CPU (default); study: the study's ten noise levels with "
+                   help="quick: a few minutes on a 2-core CPU; study: the study's ten noise levels with "
                         "1000 simulations each plus a 50 000-simulation model; test: seconds")
-    r.add_argument("--out", default=None, help="output folder (default jr_jax_out/PRESET); an interrupted run in it "
-                   "resumes where it stopped")
-    r.add_argument("--force", action="store_true", help="delete an earlier run with a different configuration at --out")
-    r.add_argument("--scheduler", default=None, help="simulate the datasets with Dask: 'local' or a scheduler address")
-    r.set_defaults(func=_reproduce)
-    s = sub.add_parser("simulate", help="simulate a dataset of clean ERPs drawn from the prior (zarr) and plot a few")
-    s.add_argument("--n", type=int, default=16, help="number of ERPs (default 16)")
-    s.add_argument("--out", default="jr_jax_out/erps.zarr", help="dataset path (default jr_jax_out/erps.zarr); "
-                   "the plot goes beside it with the suffix .png")
+    r.add_argument("--out", default=None, help="output folder; an interrupted run in it resumes where it stopped "
+                   "(default: jr_jax_out/PRESET)")
+    r.add_argument("--force", action="store_true", help="delete an earlier jr_jax reproduce run with a different "
+                   "configuration at --out (anything else there is never deleted)")
+    r.add_argument("--scheduler", default=None, help="simulate the datasets with Dask: 'local' or a scheduler "
+                   "address (default: none, in this process)")
+    s = command("simulate", "simulate a dataset of clean ERPs drawn from the prior (zarr) and plot a few", _simulate)
+    s.add_argument("--n", type=int, default=16, help="number of ERPs")
+    s.add_argument("--out", default="jr_jax_out/erps.zarr", help="dataset path; the plot goes beside it with the "
+                   "suffix .png")
     s.add_argument("--prior", choices=["uniform", "study", "normal"], default="uniform",
                    help="box-uniform over the study's ranges, or the study's normal truncated to them "
                         "('study' and 'normal' are the same)")
     s.add_argument("--stimulus", choices=["default", "study"], default="default",
                    help="default: 60/s for 50 ms into p(t); study: the reference study's injection pattern")
     s.add_argument("--sigma", type=float, default=0.0, help="intrinsic noise sigma (1/sqrt(s)); 0 = deterministic")
-    s.add_argument("--trials", type=int, default=60, help="trials averaged per ERP (default 60)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--trials", type=int, default=60, help="trials averaged per ERP")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the prior draws and the noise")
     s.add_argument("--chunk-size", type=int, default=1024, help="samples per chunk on disk and per solve")
     s.add_argument("--scheduler", default=None,
-                   help="Dask: 'local' for a LocalCluster of 2 workers, or a scheduler address (tcp://host:8786)")
+                   help="Dask: 'local' for a LocalCluster of 2 workers, or a scheduler address (tcp://host:8786) "
+                        "(default: none, in this process over its local devices)")
     s.add_argument("--force", action="store_true", help="delete an existing jr_jax dataset at --out (and replace "
                    "its plot) and start again; anything else at --out (a folder that is not a jr_jax dataset, a "
                    "file) is never deleted")
-    s.set_defaults(func=_simulate)
-    t = sub.add_parser("train", help="train the Bi-LSTM on a dataset; write an estimator folder")
+    t = command("train", "train the Bi-LSTM on a dataset; write an estimator folder", _train)
     t.add_argument("data", help="dataset made by jr-jax simulate")
-    t.add_argument("--out", default="jr_jax_out/model", help="estimator folder (default jr_jax_out/model)")
-    t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean)")
-    t.add_argument("--epochs", type=int, default=150)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--schedule", choices=["cosine"], default=None)
-    t.add_argument("--patience", type=int, default=50)
+    t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
+    t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
+                   "(default: inf, clean ERPs)")
+    t.add_argument("--epochs", type=int, default=150, help="most epochs")
+    t.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
+    t.add_argument("--schedule", choices=["cosine"], default=None,
+                   help="learning-rate schedule (default: none, a constant rate)")
+    t.add_argument("--patience", type=int, default=50, help="stop after this many epochs without a better "
+                   "validation loss")
     t.add_argument("--hidden", type=int, default=64, help="LSTM units per direction (study: 64)")
-    t.add_argument("--layers", type=int, default=1)
-    t.add_argument("--dropout", type=float, default=0.1)
+    t.add_argument("--layers", type=int, default=1, help="Bi-LSTM layers")
+    t.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
     t.add_argument("--conv-channels", type=int, default=0, help="strided Conv1d front-end channels (0: none)")
-    t.add_argument("--conv-kernel", type=int, default=8)
-    t.add_argument("--conv-stride", type=int, default=4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--force", action="store_true", help="replace an existing estimator at --out")
-    t.set_defaults(func=_train)
-    e = sub.add_parser("evaluate", help="accuracy per parameter and test SNR, with baselines")
-    e.add_argument("model")
-    e.add_argument("data")
-    e.add_argument("--snr", nargs="+", default=["inf", "30", "20", "10", "0"], help="test SNRs in dB (inf: clean)")
+    t.add_argument("--conv-kernel", type=int, default=8, help="Conv1d kernel size (samples)")
+    t.add_argument("--conv-stride", type=int, default=4, help="Conv1d stride (samples)")
+    t.add_argument("--seed", type=int, default=0, help="random seed of the weights, batches and noise")
+    t.add_argument("--force", action="store_true", help="replace an existing estimator at --out and start the "
+                   "training afresh (deletes --out/checkpoint only if it is a jr_jax checkpoint)")
+    e = command("evaluate", "accuracy per parameter and test SNR, with baselines", _evaluate)
+    e.add_argument("model", help="estimator folder made by jr-jax train")
+    e.add_argument("data", help="dataset made by jr-jax simulate (its test split is used)")
+    e.add_argument("--snr", nargs="+", default=["inf", "30", "20", "10", "0"],
+                   help="test SNRs in dB (inf: clean) (default: inf 30 20 10 0)")
     e.add_argument("--metrics", nargs="+", default=["r2", "pearson"],
-                   choices=["r2", "pearson", "spearman", "nrmse", "bias"])
-    e.add_argument("--out", default=None, help="write all rows to this CSV")
-    e.add_argument("--no-baselines", action="store_true")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--force", action="store_true")
-    e.set_defaults(func=_evaluate)
-    f = sub.add_parser("infer", help="estimate the parameters of ERPs in a .npy or .csv file (mV, one per row) or "
-                       "in an MNE Evoked file (-ave.fif: one row per channel, or one for a multichannel model)")
-    f.add_argument("model")
-    f.add_argument("erp", help=".npy/.csv (mV, one ERP per row) or -ave.fif (MNE Evoked, volts)")
+                   choices=["r2", "pearson", "spearman", "nrmse", "bias"], help="tables to print (default: r2 pearson)")
+    e.add_argument("--out", default=None, help="write all rows to this CSV (default: none, print only)")
+    e.add_argument("--no-baselines", action="store_true", help="skip the ridge and prior-mean baselines")
+    e.add_argument("--seed", type=int, default=0, help="random seed of the test noise")
+    e.add_argument("--force", action="store_true", help="overwrite the CSV file at --out")
+    f = command("infer", "estimate the parameters of ERPs in a .npy or .csv file (one per row, unit given by "
+                "--units) or in an MNE Evoked file (-ave.fif: one row per channel, or one for a multichannel model)",
+                _infer)
+    f.add_argument("model", help="estimator folder made by jr-jax train")
+    f.add_argument("erp", help=".npy/.csv (one ERP per row, or one number per row for a single ERP; a .csv may "
+                   "start with one line of column names; with --fs and --units) or -ave.fif (MNE Evoked, volts)")
     f.add_argument("--fs", type=float, default=None,
-                   help=".npy/.csv: sampling rate of the ERP (Hz), must match the model's (required there)")
+                   help=".npy/.csv: sampling rate of the ERP (Hz), must match the model's; required there "
+                        "(default: none)")
+    f.add_argument("--units", choices=list(_ERP_UNITS), default=None,
+                   help=".npy/.csv: the unit of the numbers in the file, converted to mV; required there, "
+                        "nothing is guessed; not for -ave.fif, which states its own unit (default: none)")
     f.add_argument("--picks", default=None, help="-ave.fif: channel names separated by commas (default: all good EEG "
                    "channels, or the multichannel model's training channels)")
     f.add_argument("--condition", default="0", help="-ave.fif: which Evoked of the file (index or comment)")
     f.add_argument("--reference", choices=["average", "none"], default="average",
-                   help="-ave.fif: re-reference to the average of the good EEG channels (default) or keep the file's")
-    f.set_defaults(func=_infer)
-    a = sub.add_parser("sensitivity", help="Sobol', Morris, DGSM, Fisher or one-at-a-time sensitivity; table + figure")
-    a.add_argument("--method", choices=["sobol", "morris", "dgsm", "fisher", "oat"], required=True)
+                   help="-ave.fif: re-reference to the average of the good EEG channels, or keep the file's")
+    a = command("sensitivity", "Sobol', Morris, DGSM, Fisher or one-at-a-time sensitivity; table + figure",
+                _sensitivity)
+    a.add_argument("--method", choices=["sobol", "morris", "dgsm", "fisher", "oat"], required=True,
+                   help="the analysis (required)")
     a.add_argument("--qoi", default="rms", help="sobol/morris/dgsm: N1_amplitude, N1_latency, P2_amplitude, "
                    "P2_latency, rms, theta_power, alpha_power, beta_power")
     a.add_argument("--n", type=int, default=64, help="sobol: base samples (power of 2); morris: trajectories; "
                    "dgsm: prior draws; oat: sweep points")
     a.add_argument("--param", default="A_i", help="oat: the parameter swept over 0.5-1.5x its default")
     a.add_argument("--snr", type=float, default=20.0, help="fisher: measurement SNR in dB")
-    a.add_argument("--stimulus", choices=["study", "default"], default="study")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--out", default="jr_jax_out/sensitivity")
-    a.add_argument("--force", action="store_true")
-    a.set_defaults(func=_sensitivity)
-    i = sub.add_parser("info", help="describe a dataset")
-    i.add_argument("path")
+    a.add_argument("--stimulus", choices=["study", "default"], default="study",
+                   help="study: the reference study's injection pattern; default: 60/s for 50 ms into p(t)")
+    a.add_argument("--seed", type=int, default=0, help="random seed of the samples")
+    a.add_argument("--out", default="jr_jax_out/sensitivity", help="folder of the table (METHOD.csv) and figure "
+                   "(METHOD.png)")
+    a.add_argument("--force", action="store_true", help="overwrite the table and figure")
+    i = command("info", "describe a dataset", _info)
+    i.add_argument("path", help="dataset folder")
     i.add_argument("--verify", action="store_true", help="check every chunk against its SHA-256 digest")
-    i.set_defaults(func=_info)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _use_all_cpu_cores()
+    args = _parser().parse_args(argv)
     return args.func(args)
 
 

@@ -174,3 +174,59 @@ def test_a_corrupt_dataset_metadata_file_is_named(tmp_path, capsys):
     with pytest.raises(jr_jax.DatasetError, match=r"zarr\.json is corrupt"):
         _make(path, n=3)
     assert _make(path, n=3, overwrite=True).complete  # still recognisably jr_jax's: replaced
+
+
+# --- ERP files for jr-jax infer: explicit units, a header line, a clear message otherwise ---------
+
+def test_infer_reads_csv_with_a_header_and_converts_units(tmp_path):
+    from jr_jax.cli import _read_erp_file
+
+    erp = np.array([[1.0, -2.0, 3.5], [0.5, 0.25, -1.0]])
+    rows = tmp_path / "rows.csv"
+    rows.write_text("t0,t1,t2\n" + "\n".join(",".join(f"{v:g}" for v in r) for r in erp) + "\n")
+    np.testing.assert_allclose(_read_erp_file(rows, "mV"), erp)
+    np.testing.assert_allclose(_read_erp_file(rows, "uV"), erp * 1e-3)
+    np.testing.assert_allclose(_read_erp_file(rows, "V"), erp * 1e3)
+    column = tmp_path / "column.csv"  # one number per row: a single ERP
+    column.write_text("erp_uV\n" + "\n".join(f"{v:g}" for v in erp[0]) + "\n")
+    np.testing.assert_allclose(_read_erp_file(column, "uV"), erp[0] * 1e-3)
+    np.save(tmp_path / "e.npy", erp)
+    np.testing.assert_allclose(_read_erp_file(tmp_path / "e.npy", "V"), erp * 1e3)
+
+
+def test_infer_erp_files_need_units_and_numbers(tmp_path, capsys):
+    from jr_jax.cli import _read_erp_file
+
+    good = tmp_path / "good.csv"
+    good.write_text("1,2,3\n")
+    with pytest.raises(ValueError, match="--units .* is required for .npy/.csv"):
+        _read_erp_file(good, None)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c\n1,2,3\nx,y,z\n")
+    with pytest.raises(ValueError, match=r"line 3: not comma-separated numbers.*one ERP per row.*one number per row"):
+        _read_erp_file(bad, "mV")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("1,2,3\n4,5\n")
+    with pytest.raises(ValueError, match="different numbers of values"):
+        _read_erp_file(ragged, "mV")
+    text = tmp_path / "s.npy"
+    np.save(text, np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="must hold an array of numbers"):
+        _read_erp_file(text, "mV")
+    with pytest.raises(SystemExit):
+        main(["infer", "--help"])
+    assert "--units {mV,uV,V}" in capsys.readouterr().out
+
+
+def test_help_shows_every_default():
+    from jr_jax.cli import _parser
+
+    commands = next(a for a in _parser()._actions if a.choices and "simulate" in a.choices).choices
+    assert set(commands) == {"reproduce", "simulate", "train", "evaluate", "infer", "sensitivity", "info"}
+    for name, p in commands.items():
+        p.format_help()
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if action.option_strings and action.nargs != 0 and not action.required:
+                shown = formatter._get_help_string(action) % dict(default=action.default)
+                assert "(default:" in shown, (name, action.option_strings, shown)

@@ -70,11 +70,11 @@ def test_train_evaluate_infer(tmp_path, capsys):
     erp = np.asarray(jr_jax.load_dataset(data).erp[:2])
     np.save(tmp_path / "erp.npy", erp)
     np.savetxt(tmp_path / "erp.csv", erp, delimiter=",")
-    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "1000"]) == 0
+    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "1000", "--units", "mV"]) == 0
     out_npy = capsys.readouterr().out
-    assert main(["infer", str(model), str(tmp_path / "erp.csv"), "--fs", "1000"]) == 0
+    assert main(["infer", str(model), str(tmp_path / "erp.csv"), "--fs", "1000", "--units", "mV"]) == 0
     assert "A_i [mV]" in out_npy and capsys.readouterr().out == out_npy
-    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "500"]) == 2
+    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "500", "--units", "mV"]) == 2
     assert "fs=500.0 Hz" in capsys.readouterr().err
 
 
