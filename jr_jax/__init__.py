@@ -1,5 +1,6 @@
 """jr_jax: the Jansen-Rit neural mass model in JAX — batched ERP simulation with Diffrax, datasets,
-Bi-LSTM parameter inference, and gradient and variance-based sensitivity (``jr_jax.sensitivity``)."""
+Bi-LSTM posterior (and point) inference with calibration and correction by the exact likelihood,
+and gradient and variance-based sensitivity (``jr_jax.sensitivity``)."""
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
@@ -10,8 +11,22 @@ from ._data import (
     load_dataset as load_dataset,
     make_dataset as make_dataset,
 )
+from ._calibration import (
+    Calibration as Calibration,
+    calibrate as calibrate,
+    calibration_from_draws as calibration_from_draws,
+    calibration_table as calibration_table,
+)
 from ._estimator import Estimator as Estimator
 from ._evaluate import evaluate as evaluate
+from ._likelihood import (
+    CorrectedPosterior as CorrectedPosterior,
+    correct_posterior as correct_posterior,
+    effective_sample_size as effective_sample_size,
+    log_likelihood as log_likelihood,
+    log_prior as log_prior,
+    psis as psis,
+)
 from ._metrics import parameter_metrics as parameter_metrics
 from ._model import Stimulus as Stimulus, drift as drift, sigmoid as sigmoid
 from ._params import (
@@ -27,6 +42,7 @@ from ._reproduce import (
     render_report as render_report,
     reproduce as reproduce,
 )
+from ._summary import PosteriorSummary as PosteriorSummary
 from ._simulate import (
     Protocol as Protocol,
     add_measurement_noise as add_measurement_noise,

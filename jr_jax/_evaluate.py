@@ -35,6 +35,8 @@ def evaluate(
     seed: int = 0,
     baselines: bool = True,
     n_ridge: int = 4000,
+    calibration: bool = True,
+    n_draws: int = 199,
 ) -> list[dict]:
     """Per parameter and per test SNR: R², Pearson r, Spearman ρ, NRMSE and bias on the test split.
 
@@ -43,6 +45,12 @@ def evaluate(
     targets are scaled) and for ridge regression on the ERP downsampled to 100 Hz (fitted on up to
     ``n_ridge`` training samples with noise at the same SNR, penalty chosen on the validation set).
     Rows: ``{method, snr_db, parameter, r2, pearson, spearman, nrmse, bias, n_test}``.
+
+    A posterior estimator is scored by its posterior mean (method ``"jr_jax NPE (posterior mean)"``)
+    and, with ``calibration``, its rows also carry the calibration of :func:`jr_jax.calibrate` on
+    the same noisy test ERPs (``n_draws`` draws each): ``calibration_error``, ``sbc_pvalue``,
+    ``sbc_in_band``, ``coverage_50/80/90/95``, ``contraction`` (median), ``z_mean``, ``z_sd``; the
+    rows for log(C*a_k) have method ``"jr_jax NPE (combination)"`` and no point metrics.
     """
     if tuple(estimator.names) != tuple(dataset.names):
         raise ValueError(f"estimator parameters {estimator.names} differ from the dataset's {dataset.names}")
@@ -68,8 +76,11 @@ def evaluate(
         label = dict(snr_db=None if snr is None or math.isinf(snr) else float(snr), n_test=len(theta_test))
         k = jax.random.fold_in(key, i)
         x = _noisy(erp_test, snr, jax.random.fold_in(k, 0), color)
-        pred = estimator.predict_array(x)
-        rows += metrics_rows(theta_test, pred, names, lows, highs, method="jr_jax Bi-LSTM", **label)
+        if estimator.kind == "posterior":
+            rows += _posterior_rows(estimator, theta_test, x, label, calibration, n_draws, jax.random.fold_in(k, 3))
+        else:
+            pred = estimator.predict_array(x)
+            rows += metrics_rows(theta_test, pred, names, lows, highs, method="jr_jax Bi-LSTM", **label)
         if baselines:
             mid = np.broadcast_to((lows + highs) / 2, theta_test.shape)
             rows += metrics_rows(theta_test, mid, names, lows, highs, method="prior mean", **label)
@@ -80,8 +91,31 @@ def evaluate(
     return rows
 
 
+def _posterior_rows(estimator, theta, x, label, calibration, n_draws, key) -> list[dict]:
+    from ._calibration import calibration_from_draws
+
+    draws = np.concatenate([estimator.sample(x[b:b + 250], n_draws, key=jax.random.fold_in(key, b))
+                            for b in range(0, len(x), 250)])
+    rows = metrics_rows(theta, draws.mean(axis=1), estimator.names, estimator.lows, estimator.highs,
+                        method="jr_jax NPE (posterior mean)", **label)
+    if not calibration:
+        return rows
+    cal = calibration_from_draws(draws, theta, estimator.names, prior_sd=estimator.prior_sd(), lows=estimator.lows,
+                                 highs=estimator.highs, snr_db=label["snr_db"])
+    extra = {r["parameter"]: r for r in cal.rows()}
+    keep = ("calibration_error", "sbc_pvalue", "sbc_in_band", "coverage_50", "coverage_80", "coverage_90",
+            "coverage_95", "contraction", "z_mean", "z_sd")
+    for row in rows:
+        row.update({k: extra[row["parameter"]][k] for k in keep})
+    for name in cal.names[len(estimator.names):]:
+        rows.append(dict(method="jr_jax NPE (combination)", parameter=name, **label,
+                         **{k: extra[name][k] for k in keep}))
+    return rows
+
+
 def format_table(rows: list[dict], metric: str = "r2") -> str:
     """A plain-text table: one line per (method, SNR), one column per parameter."""
+    rows = [r for r in rows if metric in r]
     names = list(dict.fromkeys(r["parameter"] for r in rows))
     keys = list(dict.fromkeys((r["method"], r["snr_db"]) for r in rows))
     value = {(r["method"], r["snr_db"], r["parameter"]): r[metric] for r in rows}
