@@ -279,7 +279,7 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
         model_dir = out / "models" / name
 
         def run():
-            est, history = train(ds, snr_db=snr, encoder=config.encoder, epochs=epochs, patience=patience,
+            est, history = train(ds, kind="point", snr_db=snr, encoder=config.encoder, epochs=epochs, patience=patience,
                                  schedule="cosine", seed=config.seed, checkpoint_dir=out / "checkpoints" / name,
                                  progress=progress)
             est.save(model_dir, overwrite=True)
