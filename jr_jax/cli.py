@@ -12,14 +12,14 @@ def _simulate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from ._data import DatasetError, make_dataset
+    from ._data import DatasetError, _is_dataset, make_dataset
     from ._model import Stimulus
     from ._params import JRParams, Prior
     from ._simulate import Protocol
 
     out = Path(args.out)
     png = out.with_suffix(".png")
-    if png.exists() and not out.exists() and not args.force:
+    if png.exists() and not _is_dataset(out) and not args.force:  # the plot of no dataset of ours
         print(f"error: {png} already exists; pass --force to overwrite, or choose --out", file=sys.stderr)
         return 2
     try:

@@ -230,3 +230,11 @@ def test_help_shows_every_default():
             if action.option_strings and action.nargs != 0 and not action.required:
                 shown = formatter._get_help_string(action) % dict(default=action.default)
                 assert "(default:" in shown, (name, action.option_strings, shown)
+
+
+def test_cli_simulate_keeps_a_plot_beside_an_empty_folder(tmp_path, capsys):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new.png").write_text("a user's figure")
+    assert main(["simulate", "--n", "2", "--trials", "1", "--out", str(tmp_path / "new")]) == 2
+    assert "new.png already exists" in capsys.readouterr().err
+    assert (tmp_path / "new.png").read_text() == "a user's figure"
