@@ -17,7 +17,7 @@ from ._calibration import (
     calibration_from_draws as calibration_from_draws,
     calibration_table as calibration_table,
 )
-from ._estimator import Estimator as Estimator
+from ._estimator import Estimator as Estimator, MisspecificationWarning as MisspecificationWarning
 from ._evaluate import evaluate as evaluate
 from ._likelihood import (
     CorrectedPosterior as CorrectedPosterior,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -17,6 +18,12 @@ from ._solve import as_typed_key
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.eqx"
+
+
+class MisspecificationWarning(UserWarning):
+    """An ERP lies outside what the estimator was trained on (its answer is an extrapolation)."""
+
+
 # predict refuses an ERP whose RMS lies more than this factor outside the range seen in training
 # (the 0.1th percentile to the maximum): the network has never seen such amplitudes
 SCALE_MARGIN = 10.0
@@ -111,7 +118,45 @@ class Estimator(eqx.Module):
             raise ValueError(f"erp sample {i} has RMS {rms[i]:.3g}, more than {SCALE_MARGIN:g}x outside the "
                              f"{lo:.3g}..{hi:.3g} mV seen in training: jr_jax ERPs are in mV (volts from MNE must be "
                              "multiplied by 1e3; jr_jax.eeg.from_evoked does it)")
+        if self.baseline and float(self.manifest["tmin"]) < 0:
+            n_pre = int(round(-float(self.manifest["tmin"]) * float(self.manifest["fs"])))
+            pre = x[:, :n_pre, :]
+            offset = np.abs(pre.mean(axis=1)).max(axis=1)
+            spread = pre.std(axis=1).max(axis=1)
+            shifted = offset > 0.5 * spread + 1e-3 * rms
+            if shifted.any():
+                i = int(np.flatnonzero(shifted)[0])
+                raise ValueError(f"erp sample {i} has a pre-stimulus mean of {float(pre[i].mean()):.3g} mV, but this "
+                                 "estimator was trained on baseline-corrected ERPs (the mean over tmin <= t < 0 "
+                                 "removed): subtract it first (jr_jax.eeg.from_evoked does it)")
         return x
+
+    def embedding_distance(self, erp, *, fs: float | None = None) -> np.ndarray:
+        """Squared Mahalanobis distance ``(N,)`` of each ERP's embedding from those of the noisy
+        validation ERPs seen in training (posterior estimators); compare with
+        ``manifest["embedding_check"]["threshold"]`` (1.5 x the largest among held-out validation ERPs)."""
+        self._require_posterior("embedding_distance")
+        check = self.manifest.get("embedding_check")
+        if not check:
+            raise ValueError("this estimator's manifest has no embedding statistics (trained before they were recorded)")
+        x = self._check(erp, fs)
+        emb = np.asarray(_embed_jit(self, jnp.asarray(x)), np.float64)
+        diff = (emb - np.asarray(check["mean"])).T
+        return np.sum(np.linalg.solve(np.asarray(check["chol"]), diff) ** 2, axis=0)
+
+    def _warn_if_unlike_training(self, x) -> None:
+        check = self.manifest.get("embedding_check")
+        if not check:
+            return
+        d2 = self.embedding_distance(x)
+        far = d2 > check["threshold"]
+        if far.any():
+            i = int(np.flatnonzero(far)[0])
+            warnings.warn(f"{int(far.sum())} of {len(d2)} ERP(s) (first: sample {i}) lie farther from the training "
+                          f"ERPs than 1.5 x any of {check['n']} held-out validation ERPs (embedding distance {d2[i]:.3g} > "
+                          f"{check['threshold']:.3g}): a different stimulus, window, units or an artefact? Their "
+                          "posteriors are extrapolations; jr_jax.correct_posterior checks them against the likelihood",
+                          MisspecificationWarning, stacklevel=3)
 
     def _single(self, erp) -> bool:
         return np.ndim(erp) == 1 or (self.n_channels > 1 and np.ndim(erp) == 2)
@@ -136,11 +181,15 @@ class Estimator(eqx.Module):
         theta = self.lows + scaled * (self.highs - self.lows)
         return theta[0] if single else theta
 
-    def sample(self, erp, n: int, *, key, fs: float | None = None) -> np.ndarray:
+    def sample(self, erp, n: int, *, key, fs: float | None = None, check_distribution: bool = True) -> np.ndarray:
         """Posterior draws in the parameters' units: ``(n, n_params)`` for one ERP, ``(N, n, n_params)``
         for a batch ``(N, n_times[, n_channels])`` (mV). Every draw lies inside the prior box.
 
-        The ERP's embedding is computed once per ERP; ERP i uses ``fold_in(key, i)``.
+        The ERP's embedding is computed once per ERP; ERP i uses ``fold_in(key, i)``. Refused (as in
+        :meth:`predict`): a wrong length or rate, NaNs, an amplitude far outside training, a
+        pre-stimulus offset for a baseline-corrected model. With ``check_distribution``, a
+        :class:`MisspecificationWarning` names ERPs whose embedding lies farther from the training
+        ERPs' than 1.5 x any held-out validation ERP's (:meth:`embedding_distance`).
         """
         self._require_posterior("sample")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -150,6 +199,8 @@ class Estimator(eqx.Module):
             raise ValueError(f"key must be a single key, got shape {key.shape}")
         single = self._single(erp)
         x = self._check(erp, fs)
+        if check_distribution:
+            self._warn_if_unlike_training(x)
         z = np.asarray(_sample_z_jit(self, jnp.asarray(x), key, int(n)), np.float64)
         theta = np.asarray(from_unbounded(z, self.lows, self.highs))
         # float32 rounding of sigmoid(z) can land on a bound: keep draws strictly inside the box

@@ -13,12 +13,14 @@ Observation models (``x``: the ERP, ``f(theta)``: the noise-free simulated ERP, 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._estimator import MisspecificationWarning
 from ._flow import from_unbounded, log_jacobian
 from ._params import Prior
 from ._simulate import Protocol, simulate
@@ -142,7 +144,9 @@ def psis(log_weights) -> tuple[np.ndarray, float]:
 
     ``log_weights (S,)`` (unnormalised; ``-inf`` allowed). Returns the smoothed, normalised log
     weights and the Pareto shape estimate k-hat of the weights' upper tail: k-hat <= 0.7 means the
-    importance-sampling estimate is reliable; above it, it is not (use another sampler).
+    importance-sampling estimate is reliable; above it, it is not (use another sampler). k-hat is
+    ``inf`` when the tail cannot be fitted: fewer than 5 tail draws, or tail weights that differ by
+    more than the float range (a few draws carry all the weight).
     """
     lw = np.asarray(log_weights, np.float64).copy()
     s = lw.size
@@ -164,7 +168,8 @@ def psis(log_weights) -> tuple[np.ndarray, float]:
             # replace the tail by the fitted distribution's quantiles, capped at the largest raw weight
             p = (np.arange(1, m + 1) - 0.5) / m
             if abs(k_hat) > 1e-8:
-                q = scale / k_hat * ((1.0 - p) ** (-k_hat) - 1.0)
+                with np.errstate(over="ignore"):  # a huge k-hat: quantiles beyond the cap below anyway
+                    q = scale / k_hat * ((1.0 - p) ** (-k_hat) - 1.0)
             else:
                 q = -scale * np.log1p(-p)
             lw[tail] = np.minimum(np.log(q + np.exp(cutoff)), 0.0)
@@ -195,6 +200,11 @@ class CorrectedPosterior:
       smoothed weights, out of ``proposal.shape[0]``);
     - ``log_evidence``: the importance (or SMC) estimate of log p(erp);
     - ``proposal`` and ``log_weights``: the NPE draws and their smoothed normalised log weights;
+    - ``chi2_reduced``: the posterior predictive check, the median over :attr:`samples` of
+      ``mean(((erp - f(theta)) / s)^2)``; near 1 (+ n_params / n_times) when the model can make the
+      ERP. ``misfit``: it exceeds ``1 + 5 sqrt(2 / n_times)`` (5 SD of a reduced chi-square), so
+      no parameter set explains the ERP down to the noise: another stimulus, window, units, an
+      artefact or a wrong noise level (a :class:`MisspecificationWarning` says so);
     - ``diagnostics``: further numbers (SMC: tempering steps, acceptance rate, final ESS, the
       likelihood evaluations spent), ``converged``: whether the sampler's own checks passed.
     """
@@ -209,6 +219,8 @@ class CorrectedPosterior:
     proposal: np.ndarray
     log_weights: np.ndarray
     converged: bool
+    chi2_reduced: float
+    misfit: bool
     diagnostics: dict = field(default_factory=dict)
 
     def summary(self, level: float = 0.9, prior_sd=None):
@@ -266,7 +278,7 @@ def correct_posterior(estimator, erp, *, key, noise_sd: float | None = None, snr
     x = _check_erp(erp, protocol)
     k_draw, k_res, k_smc = jax.random.split(key, 3)
 
-    draws = estimator.sample(x, n, key=k_draw)
+    draws = estimator.sample(x, n, key=k_draw, check_distribution=False)  # the likelihood checks below
     log_q = estimator.log_prob(draws, x)
     ll = log_likelihood(draws, x, protocol=protocol, prior=prior, noise_sd=noise_sd, snr_db=snr_db)
     raw = ll + log_prior(prior, draws) - log_q
@@ -277,15 +289,36 @@ def correct_posterior(estimator, erp, *, key, noise_sd: float | None = None, snr
     common = dict(names=estimator.names, units=estimator.units, pareto_k=k_hat, ess=ess, proposal=draws,
                   log_weights=lw)
     if k_hat <= khat_threshold:
-        idx = _systematic(k_res, lw, n)
-        return CorrectedPosterior(samples=draws[idx], method="importance", log_evidence=log_z, converged=True,
-                                  diagnostics=dict(n_proposal=n, likelihood_evaluations=n), **common)
-    samples, log_z_smc, diag = _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, k_smc, smc_particles,
+        samples = draws[_systematic(k_res, lw, n)]
+        method, converged, diag = "importance", True, dict(n_proposal=n, likelihood_evaluations=n)
+    else:
+        samples, log_z, diag = _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, k_smc, smc_particles,
                                              smc_mcmc_steps, max_smc_steps)
-    diag.update(n_proposal=n, likelihood_evaluations=diag["likelihood_evaluations"] + n)
-    return CorrectedPosterior(samples=samples, method="smc", log_evidence=log_z_smc,
-                              converged=diag["reached_posterior"] and diag["acceptance_rate"] > 0.05,
-                              diagnostics=diag, **common)
+        diag.update(n_proposal=n, likelihood_evaluations=diag["likelihood_evaluations"] + n)
+        method, converged = "smc", diag["reached_posterior"] and diag["acceptance_rate"] > 0.05
+    chi2 = float(np.median(_chi2_reduced(samples, x, protocol, prior, noise_sd, snr_db)))
+    limit = 1.0 + 5.0 * math.sqrt(2.0 / x.size)
+    misfit = not chi2 <= limit
+    if misfit:
+        warnings.warn(f"the ERP is not explained down to the noise: the corrected posterior's median reduced "
+                      f"chi-square is {chi2:.3g} (> {limit:.3g}, 5 SD above 1); no parameter set of this model, "
+                      "protocol and noise level makes it (another stimulus, window, units, an artefact, or a "
+                      "wrong noise_sd/snr_db?)", MisspecificationWarning, stacklevel=2)
+    return CorrectedPosterior(samples=samples, method=method, log_evidence=log_z, converged=converged,
+                              chi2_reduced=chi2, misfit=misfit, diagnostics=diag, **common)
+
+
+def _chi2_reduced(theta, x, protocol, prior, noise_sd, snr_db) -> np.ndarray:
+    """Reduced chi-square ``(n,)`` of the noise-free ERPs of ``theta`` against ``x``."""
+    sim = np.asarray(simulate(prior.to_params(jnp.asarray(theta, jnp.float32)), protocol), np.float64)
+    axes = tuple(range(1, sim.ndim))
+    if noise_sd is not None:
+        s2 = float(noise_sd) ** 2
+    else:
+        s2 = (sim**2).mean(axis=axes) / 10.0 ** (snr_db / 10.0)
+        s2 = s2.reshape((-1,) + (1,) * (sim.ndim - 1))
+    chi2 = ((sim - x) ** 2 / s2).mean(axis=axes)
+    return np.where(np.isfinite(chi2), chi2, np.inf)
 
 
 def batched_loglik_fn(prior: Prior, protocol: Protocol, erp, noise_sd, snr_db):

@@ -394,7 +394,26 @@ def train(
     )
     best_model = jax.tree_util.tree_map(lambda a: jax.device_put(a, jax.local_devices()[0]) if eqx.is_array(a) else a,
                                         best_model)
+    if kind == "posterior":
+        manifest["embedding_check"] = _embedding_check(best_model, scale_input(x_val, x_mean, x_std))
     return Estimator(best_model, x_mean, x_std, manifest), state["history"]
+
+
+def _embedding_check(model: PosteriorNet, x_val) -> dict:
+    """Where the (noisy) validation ERPs' embeddings lie, for the misspecification check of
+    :meth:`Estimator.sample`: the mean and the Cholesky factor of the covariance (shrunk by 10 %
+    towards its diagonal's mean) of one half of them, and a threshold of 1.5 x the largest squared
+    Mahalanobis distance among the other half (held out, so that the distances are not biased low
+    by the covariance's fit)."""
+    emb = np.concatenate([np.asarray(model.embed(x_val[b:b + 256], inference=True), np.float64)
+                          for b in range(0, len(x_val), 256)])
+    fit, held = emb[0::2], emb[1::2]
+    mean = fit.mean(axis=0)
+    cov = np.cov(fit, rowvar=False)
+    cov = 0.9 * cov + 0.1 * np.trace(cov) / len(cov) * np.eye(len(cov)) + 1e-9 * np.eye(len(cov))
+    chol = np.linalg.cholesky(cov)
+    d2 = np.sum(np.linalg.solve(chol, (held - mean).T) ** 2, axis=0)
+    return dict(mean=mean.tolist(), chol=chol.tolist(), threshold=1.5 * float(d2.max()), n=len(held))
 
 
 def _data_parallel(batch_size: int, model, opt_state):

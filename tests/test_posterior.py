@@ -230,3 +230,42 @@ def test_ecdf_band_has_its_simultaneous_level():
         diff = (rng.random(n)[:, None] <= z[None, :]).mean(axis=0) - z
         outside += bool(np.any((diff < lo - 1e-12) | (diff > hi + 1e-12)))
     assert 0.015 <= outside / 400 <= 0.09
+
+
+def test_unlike_training_erps_are_flagged(toy_posterior):
+    """sample() refuses a DC offset on a baseline-corrected model; its embedding check stays
+    silent for training-like ERPs (fixed seeds) and warns (MisspecificationWarning) once an ERP's
+    distance passes the threshold (shown here by lowering the threshold: the embedding distance is
+    a screen, the likelihood check of correct_posterior is the test, see below)."""
+    import warnings
+
+    est, _ = toy_posterior
+    assert est.manifest["embedding_check"]["n"] == 64  # the held-out half of the 128 validation ERPs
+    theta = PRIOR.sample_array(jax.random.key(11), 8)
+    like = np.asarray(jr_jax.simulate(PRIOR.to_params(theta), PROTOCOL.replace(snr_db=5.0), key=jax.random.key(1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jr_jax.MisspecificationWarning)
+        est.sample(like, 5, key=jax.random.key(0))
+    d2 = est.embedding_distance(like)
+    check = dict(est.manifest["embedding_check"], threshold=float(np.sort(d2)[-2]))
+    strict = jr_jax.Estimator(est.encoder, est.x_mean, est.x_std, dict(est.manifest, embedding_check=check))
+    with pytest.warns(jr_jax.MisspecificationWarning, match=f"1 of 8 ERP.*sample {int(np.argmax(d2))}"):
+        strict.sample(like, 5, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="pre-stimulus mean of 100 mV"):
+        est.sample(like[0] + 100.0, 5, key=jax.random.key(0))
+
+
+def test_likelihood_check_flags_an_erp_the_model_cannot_make(toy_posterior, observation):
+    """correct_posterior's posterior predictive check: for the toy observation the corrected draws'
+    median reduced chi-square is within 1 + 5 sqrt(2/m) (m = 81 samples: <= 1.79); an ERP made
+    with another stimulus (10x stronger, 20 ms) is not reachable by any (A_i, b_i) of the model and
+    is flagged with a MisspecificationWarning naming its chi-square."""
+    est, _ = toy_posterior
+    x, _, _ = observation
+    ok = jr_jax.correct_posterior(est, x, key=jax.random.key(4), snr_db=SNR, n=400, khat_threshold=np.inf)
+    assert not ok.misfit and ok.chi2_reduced < 1 + 5 * math.sqrt(2 / PROTOCOL.n_times)
+    other = PROTOCOL.replace(stimulus=jr_jax.Stimulus(amplitude=600.0, duration=0.02), snr_db=SNR)
+    odd = np.asarray(jr_jax.simulate(PRIOR.to_params(np.array([[30.0, 45.0]])), other, key=jax.random.key(2)))[0]
+    with pytest.warns(jr_jax.MisspecificationWarning, match="reduced chi-square"):
+        bad = jr_jax.correct_posterior(est, odd, key=jax.random.key(4), snr_db=SNR, n=400, khat_threshold=np.inf)
+    assert bad.misfit and bad.chi2_reduced > 2.0
