@@ -94,7 +94,10 @@ def _train(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(ckpt)  # --force starts the training afresh
-        est, history = train(ds, snr_db=snr, encoder=encoder, epochs=args.epochs,
+        posterior = None
+        if args.kind == "posterior":
+            posterior = dict(embed_dim=args.embed_dim, flow_layers=args.flow_layers, knots=args.knots)
+        est, history = train(ds, kind=args.kind, posterior=posterior, snr_db=snr, encoder=encoder, epochs=args.epochs,
                              batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
                              schedule=args.schedule, seed=args.seed, checkpoint_dir=ckpt)
     except (ValueError, DatasetError) as e:
@@ -102,8 +105,11 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     est.save(out, overwrite=True)
     last = history[-1]
-    print(f"trained {last['epoch']} epochs; best validation loss {est.manifest['training']['best_val_loss']:.4f} "
-          f"(targets scaled to [0, 1]); {last['samples'] / last['seconds']:.0f} samples/s in the last epoch")
+    loss = ("negative log posterior density in the logit of the prior box" if args.kind == "posterior"
+            else "MSE of targets scaled to [0, 1]")
+    print(f"trained a {args.kind} estimator for {last['epoch']} epochs; best validation loss "
+          f"{est.manifest['training']['best_val_loss']:.4f} ({loss}); {last['samples'] / last['seconds']:.0f} "
+          "samples/s in the last epoch")
     print(f"wrote {out} (load it with jr_jax.Estimator.load)")
     return 0
 
@@ -173,10 +179,55 @@ def _infer(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if est.kind == "posterior":
+        return _print_posteriors(est, np.atleast_2d(erp) if est.n_channels == 1 else erp, labels, args)
     width = max(4, *(len(lab) for lab in labels))
     print(f"{'erp':<{width}s} " + " ".join(f"{f'{n} [{u}]':>14s}" for n, u in zip(est.names, est.units)))
     for lab, row in zip(labels, theta):
         print(f"{lab:<{width}s} " + " ".join(f"{v:14.4g}" for v in row))
+    return 0
+
+
+def _print_posteriors(est, erps, labels, args) -> int:
+    """jr-jax infer with a posterior estimator: a table of intervals per ERP (amortised, or corrected
+    by the exact likelihood with --noise-sd/--snr), and the draws to --samples."""
+    import jax
+    import numpy as np
+
+    from ._likelihood import correct_posterior
+    from ._summary import PosteriorSummary
+
+    key = jax.random.key(args.seed)
+    draws, notes = [], []
+    try:
+        if args.samples is not None and Path(args.samples).exists() and not args.force:
+            raise ValueError(f"{args.samples} exists; pass --force to overwrite it")
+        correct = args.noise_sd is not None or args.snr is not None
+        for i, x in enumerate(erps):
+            if correct:
+                res = correct_posterior(est, x, key=jax.random.fold_in(key, i), noise_sd=args.noise_sd,
+                                        snr_db=args.snr, n=args.draws)
+                draws.append(res.samples[:args.draws])
+                notes.append(f"corrected by the exact likelihood: {res.method}, Pareto k-hat {res.pareto_k:.2f}, "
+                             f"ESS {res.ess:.0f} of {args.draws}, reduced chi-square {res.chi2_reduced:.3g}"
+                             + (" (MISFIT: the model does not explain this ERP)" if res.misfit else "")
+                             + ("" if res.converged else " (NOT CONVERGED)"))
+            else:
+                draws.append(est.sample(x, args.draws, key=jax.random.fold_in(key, i)))
+                notes.append("amortised posterior (no likelihood correction: pass --noise-sd or --snr for one)")
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prior_sd = est.prior_sd()
+    for lab, d, note in zip(labels, draws, notes):
+        summary = PosteriorSummary.from_draws(d, est.names, est.units, level=args.level, prior_sd=prior_sd)
+        print(f"erp {lab}: {args.draws} draws, {note}")
+        print(summary.table())
+        print()
+    if args.samples is not None:
+        np.save(args.samples, np.stack(draws))
+        print(f"wrote {args.samples}: draws of shape (n_erps, n_draws, n_params) = {np.stack(draws).shape}, "
+              f"parameters {', '.join(est.names)}")
     return 0
 
 
@@ -240,11 +291,11 @@ def _read_erp_file(path: Path, units: str | None):
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Tidy rows as CSV, one column per key of the first row."""
+    """Tidy rows as CSV, one column per key of any row (in first-seen order; empty where a row lacks it)."""
     import csv
 
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
 
@@ -398,8 +449,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="delete an existing jr_jax dataset at --out (and replace "
                    "its plot) and start again; anything else at --out (a folder that is not a jr_jax dataset, a "
                    "file) is never deleted")
-    t = command("train", "train the Bi-LSTM on a dataset; write an estimator folder", _train)
+    t = command("train", "train an estimator on a dataset (default: a posterior, the Bi-LSTM embedding into a "
+                "normalizing flow); write an estimator folder", _train)
     t.add_argument("data", help="dataset made by jr-jax simulate")
+    t.add_argument("--kind", choices=["posterior", "point"], default="posterior",
+                   help="posterior: draws and credible intervals (jr-jax infer prints them); point: the study's "
+                        "regressor (one number per parameter)")
+    t.add_argument("--embed-dim", type=int, default=32, help="posterior: size of the ERP embedding")
+    t.add_argument("--flow-layers", type=int, default=5, help="posterior: autoregressive spline layers")
+    t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
                    "(default: inf, clean ERPs)")
@@ -447,6 +505,16 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--condition", default="0", help="-ave.fif: which Evoked of the file (index or comment)")
     f.add_argument("--reference", choices=["average", "none"], default="average",
                    help="-ave.fif: re-reference to the average of the good EEG channels, or keep the file's")
+    f.add_argument("--draws", type=int, default=1000, help="posterior estimators: draws per ERP")
+    f.add_argument("--level", type=float, default=0.9, help="posterior estimators: central credible interval level")
+    f.add_argument("--noise-sd", type=float, default=None, help="posterior estimators: correct the draws by the "
+                   "exact likelihood with this measurement-noise SD (mV) (default: none, amortised draws)")
+    f.add_argument("--snr", type=float, default=None, help="posterior estimators: correct the draws by the exact "
+                   "likelihood with noise at this SNR in dB (default: none, amortised draws)")
+    f.add_argument("--samples", default=None, help="posterior estimators: write the draws to this .npy file, shape "
+                   "(n_erps, draws, n_params) (default: none)")
+    f.add_argument("--seed", type=int, default=0, help="posterior estimators: random seed of the draws")
+    f.add_argument("--force", action="store_true", help="overwrite the --samples file")
     a = command("sensitivity", "Sobol', Morris, DGSM, Fisher or one-at-a-time sensitivity; table + figure",
                 _sensitivity)
     a.add_argument("--method", choices=["sobol", "morris", "dgsm", "fisher", "oat"], required=True,

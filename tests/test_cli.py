@@ -43,9 +43,9 @@ def test_train_evaluate_infer(tmp_path, capsys):
     assert main(["simulate", "--n", "96", "--out", str(data), "--trials", "1", "--stimulus", "study",
                  "--chunk-size", "48"]) == 0
     model = tmp_path / "model"
-    assert main(["train", str(data), "--out", str(model), "--snr", "10:30", "--epochs", "2", "--batch-size", "16",
-                 "--hidden", "8", "--conv-channels", "4", "--conv-stride", "8"]) == 0
-    assert "trained 2 epochs" in capsys.readouterr().out
+    assert main(["train", str(data), "--kind", "point", "--out", str(model), "--snr", "10:30", "--epochs", "2",
+                 "--batch-size", "16", "--hidden", "8", "--conv-channels", "4", "--conv-stride", "8"]) == 0
+    assert "trained a point estimator for 2 epochs" in capsys.readouterr().out
     est = jr_jax.Estimator.load(model)
     assert est.manifest["snr_db"] == [10.0, 30.0]
     assert main(["train", str(data), "--out", str(model), "--epochs", "1"]) == 2  # no silent overwrite
@@ -76,6 +76,23 @@ def test_train_evaluate_infer(tmp_path, capsys):
     assert "A_i [mV]" in out_npy and capsys.readouterr().out == out_npy
     assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "500", "--units", "mV"]) == 2
     assert "fs=500.0 Hz" in capsys.readouterr().err
+
+    # the default kind: a posterior estimator; infer prints intervals and writes the draws
+    post = tmp_path / "post"
+    assert main(["train", str(data), "--out", str(post), "--snr", "10:30", "--epochs", "1", "--batch-size", "16",
+                 "--hidden", "8", "--conv-channels", "4", "--conv-stride", "8", "--flow-layers", "2"]) == 0
+    assert "trained a posterior estimator" in capsys.readouterr().out
+    samples = tmp_path / "draws.npy"
+    assert main(["infer", str(post), str(tmp_path / "erp.npy"), "--fs", "1000", "--units", "mV", "--draws", "200",
+                 "--level", "0.8", "--samples", str(samples)]) == 0
+    printed = capsys.readouterr().out
+    assert "80% interval" in printed and "log(C*a_4)" in printed and "amortised posterior" in printed
+    draws = np.load(samples)
+    est = jr_jax.Estimator.load(post)
+    assert draws.shape == (2, 200, 9) and np.all((draws > est.lows) & (draws < est.highs))
+    assert main(["infer", str(post), str(tmp_path / "erp.npy"), "--fs", "1000", "--units", "mV",
+                 "--samples", str(samples)]) == 2  # no silent overwrite
+    assert "exists; pass --force" in capsys.readouterr().err
 
 
 def test_sensitivity_writes_a_table_and_a_figure(tmp_path, capsys):
