@@ -248,7 +248,8 @@ def correct_posterior(estimator, erp, *, key, noise_sd: float | None = None, snr
     :func:`log_prior`) with Pareto smoothing (:func:`psis`), and resamples ``n`` draws. When the
     weights' k-hat exceeds ``khat_threshold`` the importance estimate is unreliable and adaptive
     tempered SMC (BlackJAX; ``smc_particles`` particles, ``smc_mcmc_steps`` random-walk
-    Metropolis moves per step, proposal scaled from the particles' covariance) moves from the NPE
+    Metropolis moves per step, proposal from the particles' covariance with its scale adapted towards
+    an acceptance rate of 0.23) moves from the NPE
     approximation to the posterior instead, with the likelihood batched over the particles.
 
     - ``erp``: one ERP in mV on the estimator's grid;
@@ -388,17 +389,20 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     state = smc.init(z0)
     log_z, steps, acc, betas = 0.0, 0, [], []
     d = z0.shape[-1]
+    scale = 2.38 / math.sqrt(d)  # random-walk scale on the particles' covariance, adapted to the acceptance
     while float(state.tempering_param) < 1.0 and steps < max_steps:
         key, k = jax.random.split(key)
         z, w = state.particles, state.weights
         mean = jnp.sum(w[:, None] * z, axis=0)
         cov = (w[:, None] * (z - mean)).T @ (z - mean) + 1e-6 * jnp.eye(d)
-        chol = (2.38 / math.sqrt(d)) * jnp.linalg.cholesky(cov)
+        chol = scale * jnp.linalg.cholesky(cov)
         state, inc, a = step(k, state, chol)
         log_z += float(inc)
         acc.append(float(a))
         betas.append(float(state.tempering_param))
         steps += 1
+        # aim at the random-walk optimum of about 0.23: shrink after few acceptances, widen after many
+        scale = float(np.clip(scale * math.exp(2.0 * (acc[-1] - 0.234)), 0.05 / math.sqrt(d), 3.0))
     theta = np.asarray(from_unbounded(state.particles, lows, highs), np.float64)
     finite_particles = bool(np.all(np.isfinite(theta)))
     w = np.asarray(state.weights, np.float64)
