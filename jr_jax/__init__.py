@@ -18,6 +18,7 @@ _EXPORTS = {
     'calibration_from_draws': ('._calibration', 'calibration_from_draws'),
     'calibration_table': ('._calibration', 'calibration_table'),
     'Estimator': ('._estimator', 'Estimator'),
+    'EstimatorError': ('._estimator', 'EstimatorError'),
     'MisspecificationWarning': ('._estimator', 'MisspecificationWarning'),
     'evaluate': ('._evaluate', 'evaluate'),
     'CorrectedPosterior': ('._likelihood', 'CorrectedPosterior'),

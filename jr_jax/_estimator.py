@@ -24,6 +24,81 @@ class MisspecificationWarning(UserWarning):
     """An ERP lies outside what the estimator was trained on (its answer is an extrapolation)."""
 
 
+class EstimatorError(ValueError):
+    """A saved estimator that cannot be read: a corrupt ``manifest.json`` or ``model.eqx``, or files
+    written by another version of jr_jax or for another architecture than the manifest describes."""
+
+
+#: Protocol fields that change what an ERP means, compared between an estimator's training protocol
+#: and the protocol of the ERPs given to it (:func:`protocol_differences`). Not compared: how the
+#: ERPs were computed (``burn_in``, ``dt``, ``solver``) and the measurement noise (``snr_db``,
+#: ``noise_color``), which training adds itself.
+PROTOCOL_FIELDS = ("stimulus.amplitude", "stimulus.duration", "stimulus.gains", "stimulus.shape", "n_trials", "fs",
+                   "tmin", "tmax", "baseline", "lead_field")
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None or isinstance(a, (bool, str)) or isinstance(b, (bool, str)):
+        return a == b
+    try:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    except (TypeError, ValueError):
+        return a == b
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-6, atol=1e-12))
+
+
+def _get(d: dict, field: str):
+    for part in field.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+_MISSING = object()
+
+
+def protocol_differences(recorded: dict, given: dict) -> list[str]:
+    """The :data:`PROTOCOL_FIELDS` in which two ``Protocol.to_dict()`` descriptions differ, each as
+    ``"field: recorded value vs given value"`` (empty when they agree).
+
+    ``recorded``: the estimator's training protocol (``manifest["protocol"]``); ``given``: that of
+    the ERPs (a dataset's, or the one passed to :meth:`Estimator.predict`). A field absent from
+    either is not compared (older manifests), nor is a ``lead_field`` that either leaves unset.
+    """
+    out = []
+    for field in PROTOCOL_FIELDS:
+        a, b = _get(recorded, field), _get(given, field)
+        if a is _MISSING or b is _MISSING or (field == "lead_field" and (a is None or b is None)):
+            continue
+        if not _same(a, b):
+            out.append(f"{field}: {a!r} vs {b!r}")
+    return out
+
+
+def prior_differences(recorded: dict, given: dict) -> list[str]:
+    """How two ``Prior.to_dict()`` descriptions differ, each as ``"field: recorded vs given"``:
+    ``kind``, ``names``, each parameter's ``bounds``, and the dynamics' noise ``base.sigma``
+    (noise-free if 0) when sigma is not among the varied parameters. Absent fields are not compared."""
+    out = []
+    for field in ("kind", "names"):
+        a, b = recorded.get(field, _MISSING), given.get(field, _MISSING)
+        if a is not _MISSING and b is not _MISSING and not _same(list(a) if field == "names" else a,
+                                                                 list(b) if field == "names" else b):
+            out.append(f"{field}: {a!r} vs {b!r}")
+    ra, rb = recorded.get("bounds") or {}, given.get("bounds") or {}
+    for name in ra:
+        if name in rb and not _same(ra[name], rb[name]):
+            out.append(f"bounds.{name}: {list(ra[name])!r} vs {list(rb[name])!r}")
+    names = set(recorded.get("names", ())) | set(given.get("names", ()))
+    a, b = _get(recorded, "base.sigma"), _get(given, "base.sigma")
+    if "sigma" not in names and a is not _MISSING and b is not _MISSING and not _same(a, b):
+        def text(v):
+            return f"{v!r} ({'noise-free' if not np.any(np.asarray(v)) else 'noisy'} dynamics)"
+        out.append(f"base.sigma: {text(a)} vs {text(b)}")
+    return out
+
+
 # predict refuses an ERP whose RMS lies more than this factor outside the range seen in training
 # (the 0.1th percentile to the maximum): the network has never seen such amplitudes
 SCALE_MARGIN = 10.0
@@ -131,6 +206,22 @@ class Estimator(eqx.Module):
                                  "removed): subtract it first (jr_jax.eeg.from_evoked does it)")
         return x
 
+    def _check_protocol(self, protocol) -> None:
+        """Refuse ERPs made with a protocol that differs from the training one (:func:`protocol_differences`)."""
+        if protocol is None:
+            return
+        from ._simulate import Protocol
+
+        if not isinstance(protocol, Protocol):
+            raise TypeError(f"protocol must be a jr_jax.Protocol (how the ERP was made), got {type(protocol).__name__}")
+        recorded = self.manifest.get("protocol") or {k: self.manifest[k] for k in ("fs", "tmin", "tmax")
+                                                     if k in self.manifest}
+        diff = protocol_differences(recorded, protocol.to_dict())
+        if diff:
+            raise ValueError("the ERP's protocol differs from the one this estimator was trained on (estimator vs "
+                             "ERP): " + "; ".join(diff) + ". Its answer would not mean the same: train an estimator "
+                             "for this protocol")
+
     def embedding_distance(self, erp, *, fs: float | None = None) -> np.ndarray:
         """Squared Mahalanobis distance ``(N,)`` of each ERP's embedding from those of the noisy
         validation ERPs seen in training (posterior estimators); compare with
@@ -166,22 +257,25 @@ class Estimator(eqx.Module):
             raise TypeError(f"{what} needs a posterior estimator (jr_jax.train(..., kind='posterior')); this one is "
                             f"kind={self.kind!r} and gives point estimates only (predict)")
 
-    def predict_array(self, erp, *, fs: float | None = None) -> np.ndarray:
+    def predict_array(self, erp, *, fs: float | None = None, protocol=None) -> np.ndarray:
         """Parameters ``(N, n_params)`` (or ``(n_params,)`` for one ERP) in their units.
 
         A posterior estimator returns the posterior mean, estimated from
         ``POSTERIOR_MEAN_DRAWS`` draws with a fixed key (so the same ERP gives the same answer).
+        ``protocol``: see :meth:`predict`.
         """
         if self.kind == "posterior":
-            draws = self.sample(erp, POSTERIOR_MEAN_DRAWS, key=jax.random.key(0), fs=fs)
+            draws = self.sample(erp, POSTERIOR_MEAN_DRAWS, key=jax.random.key(0), fs=fs, protocol=protocol)
             return draws.mean(axis=-2)
+        self._check_protocol(protocol)
         single = self._single(erp)
         x = self._check(erp, fs)
         scaled = np.asarray(_predict_jit(self, jnp.asarray(x)))
         theta = self.lows + scaled * (self.highs - self.lows)
         return theta[0] if single else theta
 
-    def sample(self, erp, n: int, *, key, fs: float | None = None, check_distribution: bool = True) -> np.ndarray:
+    def sample(self, erp, n: int, *, key, fs: float | None = None, protocol=None,
+               check_distribution: bool = True) -> np.ndarray:
         """Posterior draws in the parameters' units: ``(n, n_params)`` for one ERP, ``(N, n, n_params)``
         for a batch ``(N, n_times[, n_channels])`` (mV). Every draw lies inside the prior box.
 
@@ -189,9 +283,11 @@ class Estimator(eqx.Module):
         :meth:`predict`): a wrong length or rate, NaNs, an amplitude far outside training, a
         pre-stimulus offset for a baseline-corrected model. With ``check_distribution``, a
         :class:`MisspecificationWarning` names ERPs whose embedding lies farther from the training
-        ERPs' than 1.5 x any held-out validation ERP's (:meth:`embedding_distance`).
+        ERPs' than 1.5 x any held-out validation ERP's (:meth:`embedding_distance`). ``protocol``:
+        see :meth:`predict`.
         """
         self._require_posterior("sample")
+        self._check_protocol(protocol)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n (draws per ERP) must be an integer >= 1, got {n!r}")
         key = as_typed_key(key)
@@ -258,14 +354,20 @@ class Estimator(eqx.Module):
         extra, _ = derived_quantities(draws, self.names)
         return np.concatenate([draws, extra], axis=-1).std(axis=0, ddof=1)
 
-    def predict(self, erp, *, fs: float | None = None) -> dict[str, np.ndarray]:
+    def predict(self, erp, *, fs: float | None = None, protocol=None) -> dict[str, np.ndarray]:
         """Parameters by name (arrays of shape ``(N,)``, or scalars for one ERP), in their units.
 
         ``erp``: ``(n_times,)``, ``(N, n_times)`` or with channels, in mV, sampled at the
         estimator's fs (pass ``fs`` to have it checked). Raises ``ValueError`` for a wrong length,
         rate, NaNs or values whose scale is not that of ERPs in mV.
+
+        ``protocol``: optionally, the :class:`jr_jax.Protocol` describing how the ERP was made;
+        an ERP whose stimulus (amplitude, duration, gains, shape), ``n_trials``, ``fs``, epoch
+        (``tmin``, ``tmax``) or ``baseline`` differs from the training protocol recorded in the
+        manifest is refused with a ``ValueError`` naming each difference (:func:`protocol_differences`;
+        manifests without a protocol: ``fs``, ``tmin`` and ``tmax`` only).
         """
-        theta = self.predict_array(erp, fs=fs)
+        theta = self.predict_array(erp, fs=fs, protocol=protocol)
         return {name: theta[..., j] for j, name in enumerate(self.names)}
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -282,12 +384,48 @@ class Estimator(eqx.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Estimator":
+        """The estimator saved by :meth:`save` in ``directory``.
+
+        Raises ``FileNotFoundError`` if a file is missing and :class:`EstimatorError` (a
+        ``ValueError``) if ``manifest.json`` or ``model.eqx`` cannot be read: corrupt (truncated,
+        overwritten), or written by another version of jr_jax or for another architecture.
+        """
+        from . import __version__
+
         d = Path(directory)
         if not (d / MANIFEST).is_file() or not (d / WEIGHTS).is_file():
             raise FileNotFoundError(f"{d} is not a saved jr_jax estimator (needs {MANIFEST} and {WEIGHTS})")
-        manifest = json.loads((d / MANIFEST).read_text())
-        like = cls.skeleton(manifest)
-        return eqx.tree_deserialise_leaves(d / WEIGHTS, like)
+        try:
+            manifest = json.loads((d / MANIFEST).read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EstimatorError(f"{d / MANIFEST} is corrupt: not valid JSON ({e}); save the estimator again") from None
+        if not isinstance(manifest, dict):
+            raise EstimatorError(f"{d / MANIFEST} is corrupt: a JSON {type(manifest).__name__}, not an estimator's "
+                                 "manifest (an object)")
+        versions = manifest.get("versions")
+        written = versions.get("jr_jax") if isinstance(versions, dict) else None
+        origin = (f"written by jr_jax {written}, this is {__version__}" if written else f"this is jr_jax {__version__}")
+        try:
+            like = cls.skeleton(manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EstimatorError(f"{d / MANIFEST} does not describe an estimator this jr_jax can build "
+                                 f"({type(e).__name__}: {e}): it is corrupt or was written by another version of "
+                                 f"jr_jax ({origin})") from None
+        try:
+            with open(d / WEIGHTS, "rb") as f:
+                estimator = eqx.tree_deserialise_leaves(f, like)
+                trailing = f.read(1)
+        except (RuntimeError, ValueError, EOFError, TypeError, OSError) as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[:200]
+            raise EstimatorError(f"{d / WEIGHTS} cannot be read as the weights {MANIFEST} describes ({reason}): it "
+                                 "is corrupt (truncated or overwritten) or was written by another version of jr_jax "
+                                 f"or for another architecture ({origin}); save or train the estimator again") from None
+        if trailing:
+            raise EstimatorError(f"{d / WEIGHTS} is longer than the weights {MANIFEST} describes: it is corrupt or "
+                                 "was written for another architecture than the manifest's "
+                                 f"({origin}); save or train the estimator again")
+        return estimator
 
     @classmethod
     def skeleton(cls, manifest: dict) -> "Estimator":

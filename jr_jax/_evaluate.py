@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._data import Dataset
-from ._estimator import Estimator
+from ._estimator import Estimator, prior_differences, protocol_differences
 from ._metrics import Ridge, metrics_rows
 from ._train import add_noise_batch
 
@@ -19,6 +20,11 @@ def _load_rows(ds: Dataset, rows: np.ndarray):
     theta = np.asarray(ds.theta.get_orthogonal_selection((rows, slice(None))))
     erp = np.asarray(ds.erp.get_orthogonal_selection((rows,) + (slice(None),) * (ds.erp.ndim - 1)))
     return theta, erp[..., None] if erp.ndim == 2 else erp
+
+
+#: below this many test ERPs, :func:`evaluate` warns: R² and Pearson r are too noisy to read
+#: (their sampling SD is about (1 - r²)/sqrt(n); with 2 ERPs Pearson r is ±1 by construction)
+MIN_TEST_ERPS = 100
 
 
 def _noisy(erp, snr, key, color):
@@ -51,6 +57,17 @@ def evaluate(
     the same noisy test ERPs (``n_draws`` draws each): ``calibration_error``, ``sbc_pvalue``,
     ``sbc_in_band``, ``coverage_50/80/90/95``, ``contraction`` (median), ``z_mean``, ``z_sd``; the
     rows for log(C*a_k) have method ``"jr_jax NPE (combination)"`` and no point metrics.
+
+    Refused (``ValueError``): a dataset whose ERPs mean something else than the training ERPs. When
+    the manifest records them, the training prior (kind, names, bounds, the dynamics' noise
+    ``sigma``) and protocol (stimulus amplitude, duration, gains and shape, ``n_trials``, ``fs``,
+    ``tmin``, ``tmax``, ``baseline``, lead field) are compared with the dataset's, and every
+    difference is listed as ``field: estimator value vs dataset value``. Not compared: the solver,
+    ``dt``, ``burn_in``, and the dataset's ``snr_db`` (test noise is added here).
+
+    At least ``MIN_TEST_ERPS`` = 100 test ERPs are needed for the metrics to be read: below that a
+    ``UserWarning`` says how many there are (R² and Pearson r from a few ERPs are mostly noise; with
+    2, Pearson r is ±1 by construction).
     """
     if tuple(estimator.names) != tuple(dataset.names):
         raise ValueError(f"estimator parameters {estimator.names} differ from the dataset's {dataset.names}")
@@ -60,7 +77,20 @@ def evaluate(
     if not (np.allclose(trained[:2], given[:2]) and trained[2:] == given[2:]):
         raise ValueError(f"the dataset's ERPs (fs, tmin, n_times, baseline) = {given} differ from the estimator's "
                          f"{trained}")
+    diff = []
+    if m.get("prior"):
+        diff += [f"prior.{d}" for d in prior_differences(m["prior"], dataset.prior.to_dict())]
+    if m.get("protocol"):
+        diff += [f"protocol.{d}" for d in protocol_differences(m["protocol"], p.to_dict())]
+    if diff:
+        raise ValueError("the dataset was made differently from the estimator's training data (estimator vs "
+                         "dataset): " + "; ".join(diff) + ". Its metrics would not measure this estimator: evaluate "
+                         "on a dataset simulated with the training prior and protocol")
     split = dataset.split()
+    if len(split.test) < MIN_TEST_ERPS:
+        warnings.warn(f"the test split has only {len(split.test)} ERPs (fewer than {MIN_TEST_ERPS}): R² and Pearson r "
+                      "from so few are too noisy to read (with 2, Pearson r is ±1 by construction); evaluate on a "
+                      "larger dataset", UserWarning, stacklevel=2)
     theta_test, erp_test = _load_rows(dataset, split.test)
     if baselines:
         rng = np.random.default_rng(seed)
