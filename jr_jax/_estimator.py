@@ -411,13 +411,22 @@ class Estimator(eqx.Module):
             raise EstimatorError(f"{d / MANIFEST} does not describe an estimator this jr_jax can build "
                                  f"({type(e).__name__}: {e}): it is corrupt or was written by another version of "
                                  f"jr_jax ({origin})") from None
-        try:
-            with open(d / WEIGHTS, "rb") as f:
+        with open(d / WEIGHTS, "rb") as f:  # a file that cannot be opened (permissions) raises as it is
+            try:
                 estimator = eqx.tree_deserialise_leaves(f, like)
                 trailing = f.read(1)
-        except (RuntimeError, ValueError, EOFError, TypeError, OSError) as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
-            reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[:200]
+            except (RuntimeError, ValueError, EOFError, TypeError, OSError) as e:
+                error = e
+            else:
+                error = None
+        if error is not None:
+            cause = error  # equinox wraps the reader's error once per level of the tree
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            path = getattr(error, "path", None)
+            where = f" at {jax.tree_util.keystr(tuple(path))}" if path else ""
+            text = str(cause).splitlines()[0].split(". ")[0] if str(cause) else ""  # its first sentence
+            reason = f"{type(cause).__name__}{where}: {text}"[:200]
             raise EstimatorError(f"{d / WEIGHTS} cannot be read as the weights {MANIFEST} describes ({reason}): it "
                                  "is corrupt (truncated or overwritten) or was written by another version of jr_jax "
                                  f"or for another architecture ({origin}); save or train the estimator again") from None
