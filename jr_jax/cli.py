@@ -456,7 +456,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="posterior: draws and credible intervals (jr-jax infer prints them); point: the study's "
                         "regressor (one number per parameter)")
     t.add_argument("--embed-dim", type=int, default=32, help="posterior: size of the ERP embedding")
-    t.add_argument("--flow-layers", type=int, default=5, help="posterior: autoregressive spline layers")
+    t.add_argument("--flow-layers", type=int, default=6, help="posterior: coupling spline layers")
     t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
