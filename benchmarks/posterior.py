@@ -14,6 +14,7 @@ Writes benchmarks/results/posterior.json and posterior_calibration_<snr>dB.png.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def main():
         t0 = time.perf_counter()
         cal = jr_jax.calibrate(npe, te_theta, noisy, key=jax.random.fold_in(k, 1), snr_db=None)
         t_cal = time.perf_counter() - t0
-        cal = jr_jax.Calibration(**{**cal.__dict__, "snr_db": snr})
+        cal = dataclasses.replace(cal, snr_db=snr)  # the noise was added above, shared with the regressor
         cal.plot(out / f"posterior_calibration_{snr:g}dB.png")
         point_metrics = jr_jax.parameter_metrics(te_theta, point.predict_array(noisy), npe.lows, npe.highs)
         rows = cal.rows()

@@ -163,6 +163,13 @@ class Calibration:
         return fig
 
 
+def posterior_draws(estimator, erp, n_draws: int, *, key, batch_size: int = 250) -> np.ndarray:
+    """``estimator.sample`` over ``erp (N, ...)`` in batches of ``batch_size`` ERPs: ``(N, n_draws, d)``;
+    batch b uses ``fold_in(key, b)``."""
+    return np.concatenate([estimator.sample(erp[b:b + batch_size], n_draws, key=jax.random.fold_in(key, b))
+                           for b in range(0, len(erp), batch_size)])
+
+
 def calibrate(estimator, theta, erp, *, key, snr_db: float | None = None, n_draws: int = 199,
               batch_size: int = 250, noise_color: str | None = None) -> Calibration:
     """Calibration of a posterior ``estimator`` on held-out simulations ``theta (N, n_params)`` and
@@ -190,8 +197,7 @@ def calibrate(estimator, theta, erp, *, key, snr_db: float | None = None, n_draw
     if snr_db is not None:
         x = np.asarray(add_noise_batch(jax.numpy.asarray(x), k_noise, (float(snr_db), float(snr_db)), color))
     x = x[..., 0] if estimator.n_channels == 1 else x
-    draws = np.concatenate([estimator.sample(x[b:b + batch_size], n_draws, key=jax.random.fold_in(k_draw, b))
-                            for b in range(0, len(x), batch_size)])  # (N, n_draws, d)
+    draws = posterior_draws(estimator, x, n_draws, key=k_draw, batch_size=batch_size)
     return calibration_from_draws(draws, theta, estimator.names, prior_sd=estimator.prior_sd(), lows=estimator.lows,
                                   highs=estimator.highs, snr_db=snr_db)
 

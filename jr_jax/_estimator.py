@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._flow import PosteriorNet, from_unbounded, log_jacobian, to_unbounded
+from ._flow import from_unbounded, log_jacobian, to_unbounded
 from ._nn import build_encoder
-from ._solve import as_typed_key
+from ._solve import as_typed_key, per_sample_keys
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.eqx"
@@ -230,16 +230,14 @@ class Estimator(eqx.Module):
         check = self.manifest.get("embedding_check")
         if not check:
             raise ValueError("this estimator's manifest has no embedding statistics (trained before they were recorded)")
-        x = self._check(erp, fs)
-        emb = np.asarray(_embed_jit(self, jnp.asarray(x)), np.float64)
-        diff = (emb - np.asarray(check["mean"])).T
-        return np.sum(np.linalg.solve(np.asarray(check["chol"]), diff) ** 2, axis=0)
+        return _mahalanobis2(_embed_jit(self, jnp.asarray(self._check(erp, fs))), check)
 
-    def _warn_if_unlike_training(self, x) -> None:
+    def _warn_if_unlike_training(self, emb) -> None:
+        """Warn for embeddings ``emb (N, E)`` beyond the manifest's threshold (see :meth:`sample`)."""
         check = self.manifest.get("embedding_check")
         if not check:
             return
-        d2 = self.embedding_distance(x)
+        d2 = _mahalanobis2(emb, check)
         far = d2 > check["threshold"]
         if far.any():
             i = int(np.flatnonzero(far)[0])
@@ -295,9 +293,10 @@ class Estimator(eqx.Module):
             raise ValueError(f"key must be a single key, got shape {key.shape}")
         single = self._single(erp)
         x = self._check(erp, fs)
+        emb = _embed_jit(self, jnp.asarray(x))  # one embedding per ERP, for the check and the draws
         if check_distribution:
-            self._warn_if_unlike_training(x)
-        z = np.asarray(_sample_z_jit(self, jnp.asarray(x), key, int(n)), np.float64)
+            self._warn_if_unlike_training(emb)
+        z = np.asarray(_sample_z_jit(self, emb, key, int(n)), np.float64)
         theta = np.asarray(from_unbounded(z, self.lows, self.highs))
         # float32 rounding of sigmoid(z) can land on a bound: keep draws strictly inside the box
         span = self.highs - self.lows
@@ -460,10 +459,15 @@ def _embed_jit(estimator: Estimator, x):
 
 
 @eqx.filter_jit
-def _sample_z_jit(estimator: Estimator, x, key, n: int):
-    emb = _embed_jit(estimator, x)  # one embedding per ERP
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(x)))
-    return jax.vmap(lambda k, e: estimator.encoder.sample_z(k, n, e))(keys, emb)
+def _sample_z_jit(estimator: Estimator, emb, key, n: int):
+    """``n`` draws of z per embedding ``emb (N, E)``; ERP i uses ``fold_in(key, i)``."""
+    return jax.vmap(lambda k, e: estimator.encoder.sample_z(k, n, e))(per_sample_keys(key, len(emb)), emb)
+
+
+def _mahalanobis2(emb, check: dict) -> np.ndarray:
+    """Squared Mahalanobis distances ``(N,)`` of embeddings ``(N, E)`` under ``manifest["embedding_check"]``."""
+    diff = (np.asarray(emb, np.float64) - np.asarray(check["mean"])).T
+    return np.sum(np.linalg.solve(np.asarray(check["chol"]), diff) ** 2, axis=0)
 
 
 @eqx.filter_jit

@@ -122,10 +122,9 @@ def evaluate(
 
 
 def _posterior_rows(estimator, theta, x, label, calibration, n_draws, key) -> list[dict]:
-    from ._calibration import calibration_from_draws
+    from ._calibration import calibration_from_draws, posterior_draws
 
-    draws = np.concatenate([estimator.sample(x[b:b + 250], n_draws, key=jax.random.fold_in(key, b))
-                            for b in range(0, len(x), 250)])
+    draws = posterior_draws(estimator, x, n_draws, key=key)
     rows = metrics_rows(theta, draws.mean(axis=1), estimator.names, estimator.lows, estimator.highs,
                         method="jr_jax NPE (posterior mean)", **label)
     if not calibration:

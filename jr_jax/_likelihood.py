@@ -49,17 +49,20 @@ def _clean_protocol(protocol: Protocol, prior: Prior) -> Protocol:
     return protocol.replace(snr_db=None)
 
 
+def _noise_variance(sim, noise_sd, snr_db, xp):
+    """Measurement-noise variance ``(n,)`` (or a scalar) of each simulated ERP ``sim (n, ...)``:
+    ``noise_sd^2``, or the ERP's mean square over ``10^(snr_db / 10)``."""
+    if noise_sd is not None:
+        return xp.asarray(noise_sd, sim.dtype) ** 2
+    return xp.mean(sim**2, axis=tuple(range(1, sim.ndim))) / 10.0 ** (snr_db / 10.0)
+
+
 def _gaussian_loglik(sim, erp, noise_sd, snr_db):
     """``sim (n, n_times[, C])`` against ``erp (n_times[, C])``: ``(n,)``; -inf for diverged rows."""
     axes = tuple(range(1, sim.ndim))
     m = math.prod(sim.shape[1:])
-    if noise_sd is not None:
-        s2 = jnp.asarray(noise_sd, sim.dtype) ** 2
-        log_s2 = jnp.log(s2)
-    else:
-        s2 = jnp.mean(sim**2, axis=axes) / 10.0 ** (snr_db / 10.0)
-        log_s2 = jnp.log(s2)
-    ll = -0.5 * jnp.sum((sim - erp) ** 2, axis=axes) / s2 - 0.5 * m * (log_s2 + _LOG_2PI)
+    s2 = _noise_variance(sim, noise_sd, snr_db, jnp)
+    ll = -0.5 * jnp.sum((sim - erp) ** 2, axis=axes) / s2 - 0.5 * m * (jnp.log(s2) + _LOG_2PI)
     return jnp.where(jnp.isfinite(ll), ll, -jnp.inf)
 
 
@@ -313,12 +316,7 @@ def _chi2_reduced(theta, x, protocol, prior, noise_sd, snr_db) -> np.ndarray:
     """Reduced chi-square ``(n,)`` of the noise-free ERPs of ``theta`` against ``x``."""
     sim = np.asarray(simulate(prior.to_params(jnp.asarray(theta, jnp.float32)), protocol), np.float64)
     axes = tuple(range(1, sim.ndim))
-    if noise_sd is not None:
-        s2 = float(noise_sd) ** 2
-    else:
-        s2 = (sim**2).mean(axis=axes) / 10.0 ** (snr_db / 10.0)
-        s2 = s2.reshape((-1,) + (1,) * (sim.ndim - 1))
-    chi2 = ((sim - x) ** 2 / s2).mean(axis=axes)
+    chi2 = ((sim - x) ** 2).mean(axis=axes) / _noise_variance(sim, noise_sd, snr_db, np)
     return np.where(np.isfinite(chi2), chi2, np.inf)
 
 
@@ -372,10 +370,6 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     def rw_step(rng_key, state, logdensity_fn, chol):
         return add_step(rng_key, state, logdensity_fn, lambda k, pos: chol @ jax.random.normal(k, pos.shape))
 
-    smc = blackjax.adaptive_tempered_smc(log_q, log_target_over_q, rw_step, blackjax.rmh.init,
-                                         dict(chol=jnp.eye(len(prior.names))[None]), blackjax.smc.resampling.systematic,
-                                         0.5, num_mcmc_steps=mcmc_steps)
-
     @jax.jit
     def step(k, state, chol):
         kernel = blackjax.adaptive_tempered_smc(
@@ -386,7 +380,7 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
 
     k0, key = jax.random.split(key)
     z0 = net.sample_z(k0, n_particles, emb)
-    state = smc.init(z0)
+    state = blackjax.smc.tempered.init(z0)
     log_z, steps, acc, betas = 0.0, 0, [], []
     d = z0.shape[-1]
     scale = 2.38 / math.sqrt(d)  # random-walk scale on the particles' covariance, adapted to the acceptance

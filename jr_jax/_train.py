@@ -18,7 +18,7 @@ import optax
 
 from ._data import Dataset
 from ._estimator import Estimator, scale_input
-from ._flow import PosteriorNet
+from ._flow import PosteriorNet, to_unbounded
 from ._nn import BiLSTM
 from ._params import Prior
 from ._simulate import Protocol, measurement_noise, simulate
@@ -198,8 +198,7 @@ def _objective(model, x, y, keys=None):
     """
     inference = keys is None
     if isinstance(model, PosteriorNet):
-        u = jnp.clip(y, _EDGE, 1.0 - _EDGE)
-        z = jnp.log(u) - jnp.log1p(-u)
+        z = to_unbounded(jnp.clip(y, _EDGE, 1.0 - _EDGE), 0.0, 1.0)
         return -jnp.mean(model.log_prob_z(z, model.embed(x, keys=keys, inference=inference)))
     return jnp.mean((model.batch(x, keys=keys, inference=inference) - y) ** 2)
 
