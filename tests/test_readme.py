@@ -1,4 +1,4 @@
-"""The README's code tour runs as written."""
+"""The README's code tour runs as written (docs/getting-started.md shows the same block: tests/test_docs.py)."""
 
 import re
 from pathlib import Path

@@ -1,0 +1,57 @@
+"""Time the README's test command, `.venv/bin/python -m pytest -q`, on this machine.
+
+Runs the whole suite once in a subprocess (nothing else should be using the CPU meanwhile) and
+writes benchmarks/results/test_suite.json: the wall time, pytest's summary line, the exit status,
+the machine and the date. `python benchmarks/update_readme.py` then states the figure in the README.
+
+    python benchmarks/test_suite.py
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = ".venv/bin/python -m pytest -q"
+TARGET_SECONDS = 600
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
+def main():
+    python = ROOT / ".venv" / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{python} not found: create the virtual environment first (see the README)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(python), "-m", "pytest", "-q"], cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    lines = [line.strip("= ") for line in proc.stdout.splitlines() if line.strip()]
+    summary = lines[-1] if lines else f"no output (exit status {proc.returncode})"
+    result = dict(command=COMMAND, wall_seconds=seconds, target_seconds=TARGET_SECONDS, returncode=proc.returncode,
+                  summary=summary, date=datetime.date.today().isoformat(),
+                  device=dict(platform="cpu", cpu=cpu_name(), cpu_cores=os.cpu_count()),
+                  python=sys.version.split()[0])
+    dest = ROOT / "benchmarks" / "results" / "test_suite.json"
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{COMMAND}: {seconds / 60:.1f} min ({summary}; target <= {TARGET_SECONDS / 60:.0f} min)")
+    print(f"wrote {dest}")
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], file=sys.stderr)
+        raise SystemExit(proc.returncode)
+
+
+if __name__ == "__main__":
+    main()
