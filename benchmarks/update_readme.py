@@ -85,7 +85,7 @@ def performance_table(page: Path) -> str:
     m = s["memory"]
     out = [
         "\n".join(lines), "",
-        "| target (issue) | " + " | ".join(f"N = {n}" for n in sizes) + " | met? |",
+        "| target | " + " | ".join(f"N = {n}" for n in sizes) + " | met? |",
         "| --- |" + " --- |" * (len(sizes) + 1),
         row("SDE ≥ 2× NumPy: `solve`, Euler–Maruyama, 1 device", [f"{v:.2f}×" for v in numpy_1], verdict(numpy_1, 2.0)),
         row("SDE ≥ 2× NumPy: `simulate`, one host device per core", [f"{v:.2f}×" for v in numpy_2], verdict(numpy_2, 2.0)),
