@@ -1,4 +1,4 @@
-"""Convergence study that fixes the default solver and step (README, "Solver and step").
+"""Convergence study that fixes the default solver and step (docs/guides/simulation.md, "Solver and step").
 
 For prior draws, the deterministic ERP of the default protocol (1 s burn-in, epoch -0.2..1.0 s,
 study stimulus) is computed in float64 by each solver at several steps and compared with a

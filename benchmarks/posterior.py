@@ -6,7 +6,7 @@ Design: the study's truncated-normal prior over its nine parameters, its stimulu
 dynamics (sigma = 0, so one trial is the ERP and the likelihood is exact), white measurement noise
 drawn per batch with SNR uniform in [snr_low, snr_high] dB for training and fixed per test SNR.
 Both estimators use the quick preset's encoder (the Bi-LSTM behind a strided convolution) and the
-same data, epochs and seed. Not yet here: sbi's NPE, reference posteriors and C2ST (see the README).
+same data, epochs and seed. Not yet here: sbi's NPE, reference posteriors and C2ST (see docs/guides/inference.md).
 
     python benchmarks/posterior.py [--n 12000] [--epochs 12] [--test 1000] [--correct 5]
 
