@@ -10,11 +10,18 @@ import pytest
 
 import jr_jax
 from jr_jax import cli
-from jr_jax._reproduce import PRESETS, STUDY_PEARSON, level_label
+from jr_jax._report import _compare_r
+from jr_jax._reproduce import PRESETS, STUDY_PEARSON, STUDY_SNR_DB, level_label
 
-SECTIONS = ["Main result", "Accuracy at every noise level", "The study's grid", "Sensitivity",
-            "What differs from the study", "Steps and time"]
-FIGURES = ["erp_examples.png", "scatter.png", "metric_vs_snr.png", "grid.png", "sensitivity.png"]
+SECTIONS = ["Main result", "Accuracy at every noise level", "What the ERP's amplitude means",
+            "Posterior estimator: calibration", "The study's grid", "Sensitivity", "What differs from the study",
+            "Steps and time"]
+FIGURES = ["erp_examples.png", "scatter.png", "metric_vs_snr.png", "grid.png", "sensitivity.png",
+           "calibration_50dB.png"]
+# the test preset's steps, in the order the pipeline runs them
+STEPS = ["data_levels", "erp_amplitude", "train_grid_clean", "evaluate_grid_clean", "train_grid_10dB",
+         "evaluate_grid_10dB", "train_robust", "evaluate_robust", "train_posterior", "calibrate_posterior",
+         "sensitivity"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,8 @@ def test_report_has_every_section_with_finite_numbers(run):
         assert f"figures/{fig}" in md
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES) and 'src="figures/' not in page  # self-contained
+    title = re.search(r"<title>(.*?)</title>", page).group(1)
+    assert "`" not in title and "preset test" in title
     res = json.loads((run / "results.json").read_text())
     cfg = PRESETS["test"]
     levels = [None if s is None else float(s) for s in cfg.test_levels_db]
@@ -78,13 +87,20 @@ def test_report_numbers_are_read_from_results_json(run, tmp_path):
     shutil.copytree(run, out)
     res = json.loads((out / "results.json").read_text())
     names = res["meta"]["prior"]["names"]
-    snr = 30.0 if 30.0 in res["grid"]["test_levels_db"] else 20.0
+    snr = STUDY_SNR_DB  # the headline compares with the study at its SNR
+    assert res["headline_snr_db"] == snr
     md = (out / "report.md").read_text()
     row = _table_row(md, "jr_jax Pearson r")
     expect = [next(r["pearson"] for r in res["robust"]["rows"] if r["method"] == "jr_jax Bi-LSTM"
                    and r["snr_db"] == snr and r["parameter"] == p) for p in names]
     assert row == [f"{v:.2f}" for v in expect]
     assert _table_row(md, "study's best Pearson r (~50 dB)") == [f"{STUDY_PEARSON[p]:.2f}" for p in names]
+    r2 = [next(r["r2"] for r in res["robust"]["rows"] if r["method"] == "jr_jax Bi-LSTM"
+               and r["snr_db"] == snr and r["parameter"] == p) for p in names]
+    assert _table_row(md, "jr_jax R²") == [f"{v:.2f}" for v in r2]  # R² beside r
+    n_test = res["data"]["levels"]["test"]
+    assert _table_row(md, "r against the study's") == [_compare_r(a, STUDY_PEARSON[p], n_test, 100)
+                                                        for a, p in zip(expect, names)]
     # change one number in results.json: the re-rendered report shows it
     for r in res["robust"]["rows"]:
         if r["method"] == "jr_jax Bi-LSTM" and r["snr_db"] == snr and r["parameter"] == "b_i":
@@ -129,7 +145,7 @@ def test_interrupted_step_leaves_no_marker(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         jr_jax.reproduce("test", out, progress=False, log=lambda msg: None)
     done = sorted(p.stem for p in (out / "steps").glob("*.json"))
-    assert done == ["data_levels"]  # the simulation finished; the interrupted training left nothing behind
+    assert done == ["data_levels", "erp_amplitude"]  # the interrupted training left nothing behind
     assert not (out / "results.json").exists()
 
 
@@ -151,3 +167,72 @@ def test_other_configuration_or_foreign_folder_is_refused(run, tmp_path):
     with pytest.raises(ValueError, match="preset must be one of"):
         jr_jax.reproduce("fast", tmp_path / "x")
     assert level_label(None) == "clean" and level_label(20.0) == "20 dB"
+
+
+def test_steps_table_is_in_run_order(run):
+    res = json.loads((run / "results.json").read_text())
+    assert list(res["meta"]["step_seconds"]) == STEPS
+    md = (run / "report.md").read_text()
+    table = md.split("| step | seconds |")[1].split("\n\n")[0]
+    listed = [ln.split("|")[1].strip() for ln in table.strip().splitlines()[1:]]
+    assert listed == STEPS + ["all steps"]
+
+
+def test_amplitude_is_measured_from_the_run(run):
+    """The amplitude the report explains is recomputed here from the stored test ERPs (numpy)."""
+    res = json.loads((run / "results.json").read_text())
+    ds = jr_jax.load_dataset(run / "data" / "levels.zarr")
+    erp = np.asarray(ds.erp[:])[np.sort(ds.split().test)]
+    rms = np.sqrt(np.mean(erp**2, axis=1))
+    a = res["amplitude"]
+    assert a["n"] == len(erp)
+    assert a["rms_mv"]["q50"] == pytest.approx(np.median(rms), rel=1e-5)
+    assert a["min_mv"]["q05"] == pytest.approx(np.percentile(erp.min(axis=1), 5), rel=1e-5)
+    md = (run / "report.md").read_text()
+    assert f"median RMS of {a['rms_mv']['q50']:.0f} mV" in md and "not a scalp voltage" in md
+
+
+def test_posterior_calibration_matches_evaluate(run):
+    """The report's posterior rows are those jr_jax.evaluate gives for the posterior estimator on
+    the same test ERPs (the same noise and draws), and coverage grows with the interval level."""
+    res = json.loads((run / "results.json").read_text())
+    post = res["posterior"]
+    cfg = PRESETS["test"]
+    assert post["levels_db"] == [STUDY_SNR_DB, 0.0] and post["n_draws"] == cfg.calibration_draws
+    est = jr_jax.Estimator.load(run / "models" / "posterior")
+    assert est.kind == "posterior"
+    ds = jr_jax.load_dataset(run / "data" / "levels.zarr")
+    levels = [None if s is None else float(s) for s in cfg.test_levels_db]
+    with pytest.warns(UserWarning):  # 40 test ERPs: evaluate warns that so few are noisy
+        rows = jr_jax.evaluate(est, ds, levels, baselines=False, n_draws=cfg.calibration_draws)
+    mine = {(r["method"], r["snr_db"], r["parameter"]): r for r in post["rows"]}
+    compared = 0
+    for r in rows:
+        if r["snr_db"] in post["levels_db"]:
+            got = mine[(r["method"], r["snr_db"], r["parameter"])]
+            for k, v in r.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-9), k
+            compared += 1
+    assert compared == len(post["rows"]) == 2 * 13  # 9 parameters and 4 log(C*a_k) per level
+    for r in post["rows"]:
+        cov = [r[f"coverage_{k}"] for k in (50, 80, 90, 95)]
+        assert all(0 <= c <= 1 for c in cov) and cov == sorted(cov)  # nested central intervals
+        assert 0 <= r["sbc_pvalue"] <= 1 and r["contraction"] <= 1
+    md = (run / "report.md").read_text()
+    row = _table_row(md, "log(C*a_1)")
+    first = next(r for r in post["rows"] if r["parameter"] == "log(C*a_1)" and r["snr_db"] == STUDY_SNR_DB)
+    assert row[:4] == [f"{first[f'coverage_{k}']:.2f}" for k in (50, 80, 90, 95)]
+
+
+def test_correlation_comparison_against_scipy():
+    """_compare_r is Fisher's two-sample z test at the two-sided 5 % level (p from SciPy's normal)."""
+    from scipy import stats
+
+    for r1, r2, n1, n2 in [(0.13, 0.08, 1000, 100), (0.30, 0.08, 1000, 100), (0.95, 0.99, 5000, 100),
+                           (0.60, 0.54, 1000, 100), (0.05, 0.54, 40, 100)]:
+        z = (np.arctanh(r1) - np.arctanh(r2)) / np.sqrt(1 / (n1 - 3) + 1 / (n2 - 3))
+        p = 2 * stats.norm.sf(abs(z))
+        expect = "same" if p >= 0.05 else ("higher" if r1 > r2 else "lower")
+        assert _compare_r(r1, r2, n1, n2) == expect
+    assert _compare_r(0.13, 0.08, 1000, 100) == "same"  # the case a plain "exceeds" got wrong
