@@ -18,7 +18,7 @@ from ._solve import (
     DEFAULT_DT,
     DEFAULT_SOLVER,
     as_typed_key,
-    brownian_increments,
+    CounterBrownianPath,
     check_differentiation,
     check_solver,
     integrate,
@@ -216,7 +216,7 @@ def _erp_batch(protocol: Protocol, stochastic: bool, differentiation: str, param
     y = jnp.zeros((6, n), dtype)
     n_burn = int(round(protocol.burn_in / protocol.dt))
     if n_burn > 0:
-        inc = brownian_increments(segment_keys(0), n_burn, protocol.dt, dtype) if stochastic else None
+        inc = CounterBrownianPath.from_keys(segment_keys(0), n_burn, protocol.dt, dtype) if stochastic else None
         y = integrate(params, y, n_burn, np.array([n_burn]), stimulus=NO_STIMULUS, increments=inc, **solver)[-1]
 
     sps = protocol.steps_per_sample
@@ -226,7 +226,7 @@ def _erp_batch(protocol: Protocol, stochastic: bool, differentiation: str, param
 
     def trial(carry, j):
         y, total = carry
-        inc = brownian_increments(segment_keys(j + 1), n_epoch, protocol.dt, dtype) if stochastic else None
+        inc = CounterBrownianPath.from_keys(segment_keys(j + 1), n_epoch, protocol.dt, dtype) if stochastic else None
         ys = integrate(
             params, y, n_epoch, save_steps, stimulus=protocol.stimulus, onset_step=onset, increments=inc, **solver
         )

@@ -10,7 +10,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.random import threefry_2x32
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._model import NO_STIMULUS, Stimulus, drift, noise_scale
@@ -51,19 +50,143 @@ def check_solver(solver: str, dt: float) -> None:
         raise ValueError(f"dt must be a number > 0 (s), got {dt!r}")
 
 
+# Threefry-2x32 rotation constants (Salmon, Moraes, Dror & Shaw 2011, "Parallel random numbers:
+# as easy as 1, 2, 3"), the generator behind jax.random's default keys.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k0, k1, x0, x1):
+    """Threefry-2x32 with 20 rounds: the block ``(x0, x1)`` hashed under the key ``(k0, k1)``.
+
+    All arguments are uint32 arrays that broadcast together; returns the two uint32 output words.
+    Bit for bit the function of ``jax.extend.random.threefry2x32_p`` (tests/test_noise.py checks
+    it), written in jnp so that XLA fuses it with the solver step: on a CPU, inside a time loop,
+    it runs 2-3x faster than the primitive's lowering.
+    """
+    k2 = k0 ^ k1 ^ np.uint32(0x1BD11BDA)
+    ks = (k0, k1, k2)
+    x0 = x0 + k0
+    x1 = x1 + k1
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))
+            x1 = x1 ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def bits_to_normal(bits):
+    """N(0, 1) (float32) from uint32 words by the inverse CDF, as ``jax.random.normal`` maps bits.
+
+    The top 23 bits give u uniform on [1, 2); v = 2u - 3 in [-1, 1), kept off -1; the draw is
+    sqrt(2) erfinv(v). Its support is |z| <= 5.42 (the largest v below 1 is 1 - 2^-22).
+    """
+    u = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
+    v = jnp.maximum(2.0 * u - 3.0, np.nextafter(np.float32(-1), np.float32(0)))
+    return np.float32(math.sqrt(2)) * jax.lax.erf_inv(v)
+
+
+def key_words(keys: PRNGKeyArray) -> tuple[Array, Array]:
+    """The two uint32 Threefry key words of each key (shape ``keys.shape``).
+
+    Threefry keys (JAX's default) give their own key data; keys of another implementation (e.g.
+    ``impl="rbg"``) give two words drawn from them with ``jax.random.bits``, so any key works.
+    """
+    if str(jax.random.key_impl(keys)) == "threefry2x32":
+        data = jax.random.key_data(keys)
+    else:
+        data = jax.random.bits(keys, (2,), jnp.uint32) if keys.shape == () else jax.vmap(
+            lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+    return data[..., 0], data[..., 1]
+
+
+def step_normals(k0, k1, step) -> Float[Array, "..."]:
+    """The standard normal of step ``step`` (an integer >= 0) for each key ``(k0, k1)``.
+
+    Steps 2m and 2m + 1 take the first and second word of ``threefry2x32(k0, k1, m, 0)``: the
+    value is a function of the key and the step index alone, whatever else is computed with it.
+    """
+    step = jnp.asarray(step).astype(jnp.uint32)
+    w0, w1 = threefry2x32(k0, k1, step >> np.uint32(1), np.uint32(0))
+    return bits_to_normal(jnp.where((step & np.uint32(1)) == 0, w0, w1))
+
+
+class CounterBrownianPath(diffrax.AbstractBrownianPath):
+    """A Brownian motion on a fixed step grid whose increments are computed, not stored.
+
+    Time is counted in steps (``t0 = 0`` to ``t1 = n_steps``). The increment of step k (from k to
+    k + 1) for trajectory i is ``scale * sum_{j<substeps} z_i(k * substeps + j)``, where
+    ``z_i(n)`` is the n-th standard normal of trajectory i's key (:func:`step_normals`): the
+    counter-based generator Threefry-2x32-20, mapped to N(0, 1) by the inverse CDF
+    (:func:`bits_to_normal`). ``scale`` is ``sqrt(dt / substeps)`` for steps of ``dt`` seconds;
+    ``substeps > 1`` gives the same path seen at a coarser step (used for strong-error studies).
+
+    Nothing of size ``n_steps`` is allocated: the solver asks for one step's increments at a time,
+    drawn inside its time loop. A trajectory's path depends on its key alone (not on the batch,
+    the chunk or the devices). ``evaluate(t0, t1)`` sums the steps between the grid points nearest
+    to ``t0`` and ``t1``; ``evaluate(t)`` is the path at the grid point nearest to t (W(0) = 0).
+    """
+
+    k0: Array
+    k1: Array
+    scale: Array
+    t1: float = eqx.field(static=True)
+    substeps: int = eqx.field(static=True, default=1)
+    t0: float = eqx.field(static=True, default=0.0)
+    levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
+
+    @classmethod
+    def from_keys(cls, keys: PRNGKeyArray, n_steps: int, dt: float, dtype, substeps: int = 1):
+        """The path of ``n_steps`` steps of ``dt`` (s) for each key in ``keys`` (any shape)."""
+        if not (isinstance(substeps, (int, np.integer)) and substeps >= 1):
+            raise ValueError(f"substeps must be an integer >= 1, got {substeps!r}")
+        k0, k1 = key_words(keys)
+        return cls(k0, k1, jnp.asarray(math.sqrt(dt / substeps), dtype), float(n_steps), int(substeps))
+
+    def step_increment(self, step) -> Float[Array, "..."]:
+        """Increments of step ``step`` (integer) for every key, in the dtype of ``scale``."""
+        dtype = self.scale.dtype
+        if self.substeps == 1:
+            return self.scale * step_normals(self.k0, self.k1, step).astype(dtype)
+        first = jnp.asarray(step).astype(jnp.uint32) * np.uint32(self.substeps)
+        total = jax.lax.fori_loop(
+            0, self.substeps,
+            lambda j, acc: acc + step_normals(self.k0, self.k1, first + j.astype(jnp.uint32)).astype(dtype),
+            jnp.zeros(jnp.shape(self.k0), dtype),
+        )
+        return self.scale * total
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        if t1 is None:
+            t0, t1 = 0.0, t0
+        a = jnp.clip(jnp.round(t0), 0, self.t1).astype(jnp.int32)
+        b = jnp.clip(jnp.round(t1), 0, self.t1).astype(jnp.int32)
+        lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
+        dtype = self.scale.dtype
+        w = jax.lax.fori_loop(lo, hi, lambda k, acc: acc + self.step_increment(k), jnp.zeros(jnp.shape(self.k0), dtype))
+        w = jnp.where(b >= a, w, -w)
+        if use_levy:
+            return diffrax.BrownianIncrement(dt=jnp.asarray(t1 - t0, dtype), W=w)
+        return w
+
+
 class _JRTerm(diffrax.AbstractTerm):
     """The whole JR right-hand side as one term, in time measured in solver steps.
 
     Control over step k = [t0, t1]: ``(t1 - t0, dS[k], dW[k])`` with dS the exact integral of the
     stimulus over the step (it enters linearly, so integrating it exactly keeps each solver's
-    order across the pulse edges) and dW the pre-drawn Brownian increments (one row per step).
+    order across the pulse edges) and dW the Brownian increments of step k: drawn there from the
+    trajectories' keys by a :class:`CounterBrownianPath` (nothing per step is stored), or read
+    from an array of pre-drawn increments (one row per step).
     The vector field: ``(dt * drift(y), stimulus gains on y3..y5, A_e b_e sigma)``.
     """
 
     stimulus: Stimulus | None = eqx.field(static=True)
     stimulus_increments: Float[Array, " n_steps"] | None
     dt: Array
-    increments: Float[Array, "n_steps N"] | None
+    noise: "CounterBrownianPath | Float[Array, 'n_steps N'] | None"
 
     def vf(self, t, y, args):
         params = args[0]
@@ -72,17 +195,19 @@ class _JRTerm(diffrax.AbstractTerm):
         if self.stimulus is not None:
             gains = self.stimulus.gains_per_state(params)
             stim = [g if static != 0 else None for g, static in zip(gains, self.stimulus.gains)]
-        noise = None if self.increments is None else noise_scale(params)
+        noise = None if self.noise is None else noise_scale(params)
         return self.dt * drift(None, y, params), stim, noise
 
     def contr(self, t0, t1, **kwargs):
         ds = dw = None
-        if self.stimulus is not None or self.increments is not None:
+        if self.stimulus is not None or self.noise is not None:
             index = jnp.round(t0).astype(jnp.int32)
         if self.stimulus is not None:
             ds = self.stimulus_increments[jnp.clip(index, 0, self.stimulus_increments.shape[0] - 1)]
-        if self.increments is not None:
-            dw = self.increments[jnp.clip(index, 0, self.increments.shape[0] - 1)]
+        if isinstance(self.noise, CounterBrownianPath):
+            dw = self.noise.step_increment(jnp.maximum(index, 0))
+        elif self.noise is not None:
+            dw = self.noise[jnp.clip(index, 0, self.noise.shape[0] - 1)]
         return t1 - t0, ds, dw
 
     def prod(self, vf, control):
@@ -98,24 +223,21 @@ class _JRTerm(diffrax.AbstractTerm):
 
 
 def standard_normals(keys: PRNGKeyArray, n: int, dtype) -> Float[Array, "n N"]:
-    """``n`` independent N(0, 1) draws per key, column i from ``keys[i]`` alone.
+    """The first ``n`` standard normals of each key's stream (:func:`step_normals`), ``(n, N)``.
 
-    For threefry keys (JAX's default) each Threefry-2x32 block gives two draws (jax.random.normal
-    in its partitionable mode spends one block per draw), mapped by the inverse CDF as
-    jax.random.normal does: about 1.5x its speed on a CPU, the bound of an SDE solve.
+    Column i is drawn from ``keys[i]`` alone; row k is what a :class:`CounterBrownianPath` uses at
+    step k. This materialises them (``n x N`` values): the solvers draw them step by step instead.
     """
-    if str(jax.random.key_impl(keys)) != "threefry2x32":
-        return jax.vmap(lambda k: jax.random.normal(k, (n,), dtype), out_axes=1)(keys)
-    counts = jnp.arange(n, dtype=jnp.uint32)
-    bits = jax.vmap(lambda k: threefry_2x32(k, counts), out_axes=1)(jax.random.key_data(keys))
-    # 23 random mantissa bits -> u in [1, 2) -> v in [-1, 1) -> sqrt(2) erfinv(v), v kept off -1
-    u = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
-    v = jnp.maximum(2.0 * u - 3.0, np.nextafter(np.float32(-1), np.float32(0)))
-    return (np.float32(math.sqrt(2)) * jax.lax.erf_inv(v)).astype(dtype)
+    k0, k1 = key_words(keys)
+    steps = jnp.arange(n, dtype=jnp.uint32)[:, None]
+    return step_normals(k0[None], k1[None], steps).astype(dtype)
 
 
 def brownian_increments(keys: PRNGKeyArray, n_steps: int, dt: float, dtype) -> Float[Array, "n_steps N"]:
-    """Increments dW ~ N(0, dt) for each trajectory: column i is drawn from ``keys[i]`` alone."""
+    """Increments dW ~ N(0, dt) for each trajectory, materialised: column i from ``keys[i]`` alone.
+
+    Equal to the step increments of ``CounterBrownianPath.from_keys(keys, n_steps, dt, dtype)``.
+    """
     return standard_normals(keys, n_steps, dtype) * jnp.asarray(math.sqrt(dt), dtype)
 
 
@@ -129,14 +251,16 @@ def integrate(
     solver: str,
     stimulus: Stimulus = NO_STIMULUS,
     onset_step: float = 0.0,
-    increments: Float[Array, "n_steps N"] | None = None,
+    increments: "CounterBrownianPath | Float[Array, 'n_steps N'] | None" = None,
     differentiation: str = "reverse",
 ) -> Float[Array, "n_save 6 N"]:
     """Integrate ``n_steps`` fixed steps of size ``dt`` (s) from ``y0`` (state ``(6, N)``).
 
     Time is counted in steps: the stimulus onset is at step ``onset_step``; ``save_steps`` (static,
     increasing, within ``[0, n_steps]``) are the steps at which the state is returned.
-    ``increments`` (``(n_steps, N)``) makes it the SDE with noise on y4, else the ODE.
+    ``increments`` makes it the SDE with noise on y4 (else the ODE): a :class:`CounterBrownianPath`
+    (increments drawn inside the time loop: memory O(N) for the noise) or pre-drawn increments
+    ``(n_steps, N)``.
     ``differentiation``: ``"reverse"`` (``jax.grad``; checkpointed) or ``"forward"`` (``jax.jacfwd``).
     """
     dtype = y0.dtype
@@ -205,7 +329,9 @@ def solve(
     - ``y0``: state at ``ts[0]``, shape ``(6,)`` or ``(N, 6)`` (mV, mV/s); default zeros.
     - ``key``: ``None`` or ``sigma == 0`` gives the ODE; otherwise the SDE with noise
       ``A_e b_e sigma dW`` on y4. For a batch, keys of shape ``(N,)``, or one key from which
-      sample i gets ``fold_in(key, i)``.
+      sample i gets ``fold_in(key, i)``. The increments are drawn inside the solver's time loop
+      by a :class:`CounterBrownianPath` (Threefry-2x32-20 on the key and the step index, inverse-CDF
+      normals): trajectory i's path depends on its key alone.
     - ``dt``: solver step (s); ``solver``: ``"euler"`` (Euler-Maruyama), ``"heun"`` or ``"midpoint"``.
     - ``differentiation``: ``"reverse"`` for ``jax.grad`` (default) or ``"forward"`` for ``jax.jacfwd``.
 
@@ -256,7 +382,7 @@ def solve(
             keys = key
         else:
             raise ValueError(f"key must be one key or, for a batch of {n}, keys of shape ({n},); got shape {key.shape}")
-        increments = brownian_increments(keys, n_steps, dt, dtype)
+        increments = CounterBrownianPath.from_keys(keys, n_steps, dt, dtype)
 
     ys = integrate(
         p,

@@ -6,7 +6,7 @@ from conftest import PARAM_SETS, reference_solution
 
 import jr_jax
 from jr_jax import JRParams
-from jr_jax._solve import brownian_increments, integrate
+from jr_jax._solve import CounterBrownianPath, brownian_increments, integrate
 
 TS = np.round(np.arange(-0.2, 0.6 + 1e-9, 1e-3), 10)
 STIM = jr_jax.Stimulus.study()
@@ -48,24 +48,29 @@ def test_ode_convergence_orders(x64, solver, order):
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 def test_sde_strong_order_one(x64, solver):
-    """Strong error at T against a fine solution on the same Brownian path (summed increments).
+    """Strong error at T against a fine solution on the same Brownian path.
 
-    With additive noise both Euler-Maruyama and Heun have strong order 1. Mean |error| of y over
-    200 paths at 4 coarse steps; fitted slope within 0.2 of 1.
+    The coarse solves use the counter path with ``substeps`` (each coarse increment is the sum
+    of the fine ones, drawn in the solver loop), so this also checks that path. With additive
+    noise both Euler-Maruyama and Heun have strong order 1. Mean |error| of y over 200 paths at
+    4 coarse steps; fitted slope within 0.2 of 1.
     """
     n_paths, fine_dt, n_fine = 200, 1e-5, 12800
     params = JRParams(sigma=jr_jax.SIGMA_ABLEIDINGER_2017).astype(jnp.float64)
     params = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n_paths,)), params)
     keys = jax.random.split(jax.random.key(42), n_paths)
-    inc = brownian_increments(keys, n_fine, fine_dt, jnp.float64)
     y0 = jnp.tile(jnp.array([0.1, 20.0, 15.0, 0.0, 0.0, 0.0])[:, None], (1, n_paths))
 
     def final_state(factor):
-        coarse = inc.reshape(n_fine // factor, factor, n_paths).sum(axis=1)
         n = n_fine // factor
-        return integrate(params, y0, n, np.array([n]), dt=fine_dt * factor, solver=solver, increments=coarse)[-1]
+        path = CounterBrownianPath.from_keys(keys, n, fine_dt * factor, jnp.float64, substeps=factor)
+        return integrate(params, y0, n, np.array([n]), dt=fine_dt * factor, solver=solver, increments=path)[-1]
 
     ref = final_state(1)
+    # the fine path drawn in the loop equals the same increments materialised up front
+    inc = brownian_increments(keys, n_fine, fine_dt, jnp.float64)
+    upfront = integrate(params, y0, n_fine, np.array([n_fine]), dt=fine_dt, solver=solver, increments=inc)[-1]
+    np.testing.assert_allclose(np.asarray(upfront), np.asarray(ref), rtol=1e-12, atol=1e-9)
     factors = np.array([8, 16, 32, 64])
     errs = [float(jnp.mean(jnp.abs(final_state(int(f))[1] - ref[1]))) for f in factors]
     slope = np.polyfit(np.log(factors * fine_dt), np.log(errs), 1)[0]
