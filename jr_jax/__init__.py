@@ -21,6 +21,8 @@ _EXPORTS = {
     'EstimatorError': ('._estimator', 'EstimatorError'),
     'MisspecificationWarning': ('._estimator', 'MisspecificationWarning'),
     'evaluate': ('._evaluate', 'evaluate'),
+    'FitResult': ('._fit', 'FitResult'),
+    'fit': ('._fit', 'fit'),
     'format_table': ('._evaluate', 'format_table'),
     'CorrectedPosterior': ('._likelihood', 'CorrectedPosterior'),
     'correct_posterior': ('._likelihood', 'correct_posterior'),

@@ -320,10 +320,27 @@ def _chi2_reduced(theta, x, protocol, prior, noise_sd, snr_db) -> np.ndarray:
     return np.where(np.isfinite(chi2), chi2, np.inf)
 
 
+def particle_batched(batch_fn):
+    """``batch_fn: z (B, d) -> (B,)`` as a per-particle function ``z (d,) -> ()`` whose ``jax.vmap``
+    calls ``batch_fn`` once on the whole batch (``jax.custom_batching.custom_vmap``): samplers
+    written per particle get the speed of one batched :func:`jr_jax.simulate`. Not differentiable."""
+
+    @jax.custom_batching.custom_vmap
+    def one(z):
+        return batch_fn(z[None])[0]
+
+    @one.def_vmap
+    def _rule(axis_size, in_batched, z):
+        (batched,) = in_batched
+        if not batched:
+            z = jnp.broadcast_to(z, (axis_size,) + z.shape)
+        return batch_fn(z), True
+
+    return one
+
+
 def batched_loglik_fn(prior: Prior, protocol: Protocol, erp, noise_sd, snr_db):
-    """``z (n_params,) -> log p(erp | theta(z))`` whose ``jax.vmap`` runs one batched simulation
-    over the whole batch (``jax.custom_batching.custom_vmap``): samplers written per particle get
-    the speed of :func:`jr_jax.simulate` on a batch. Not differentiable."""
+    """``z (n_params,) -> log p(erp | theta(z))``, batched over particles (:func:`particle_batched`)."""
     lows, highs = jnp.asarray(prior.lows, jnp.float32), jnp.asarray(prior.highs, jnp.float32)
     erp = jnp.asarray(erp, jnp.float32)
 
@@ -331,25 +348,11 @@ def batched_loglik_fn(prior: Prior, protocol: Protocol, erp, noise_sd, snr_db):
         sim = simulate(prior.to_params(from_unbounded(z, lows, highs)), protocol, chunk_size=z.shape[0])
         return _gaussian_loglik(sim, erp, noise_sd, snr_db)
 
-    @jax.custom_batching.custom_vmap
-    def one(z):
-        return batch(z[None])[0]
-
-    @one.def_vmap
-    def _rule(axis_size, in_batched, z):
-        (batched,) = in_batched
-        if not batched:
-            z = jnp.broadcast_to(z, (axis_size,) + z.shape)
-        return batch(z), True
-
-    return one
+    return particle_batched(batch)
 
 
 def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_particles, mcmc_steps, max_steps):
-    """Adaptive tempered SMC from q(z | x) (the NPE in unbounded coordinates) to the posterior:
-    pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1 chosen to keep the ESS at half."""
-    import blackjax
-
+    """Adaptive tempered SMC from q(z | x) (the NPE in unbounded coordinates) to the posterior."""
     from ._estimator import _embed_jit
 
     lows, highs = jnp.asarray(prior.lows, jnp.float32), jnp.asarray(prior.highs, jnp.float32)
@@ -360,9 +363,27 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     def log_q(z):
         return net.log_prob_z(z[None], emb[None])[0]
 
-    def log_target_over_q(z):
+    def log_target(z):
         theta = from_unbounded(z, lows, highs)
-        lt = loglik(z) + _log_prior(prior, theta) + log_jacobian(z, lows, highs)
+        return loglik(z) + _log_prior(prior, theta) + log_jacobian(z, lows, highs)
+
+    z, log_z, diag = tempered_smc(log_q, lambda k, n: net.sample_z(k, n, emb), log_target, key, len(prior.names),
+                                  n_particles, mcmc_steps, max_steps)
+    return np.asarray(from_unbounded(jnp.asarray(z), lows, highs), np.float64), log_z, diag
+
+
+def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps):
+    """Adaptive tempered SMC (BlackJAX) from a tractable q(z) to a target in R^d:
+    pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1 chosen to keep the ESS at half;
+    random-walk Metropolis moves on the particles' covariance, scale adapted towards acceptance 0.23.
+
+    ``log_q``, ``log_target``: per-particle log densities (``log_target`` may be
+    :func:`particle_batched`); ``sample_q(key, n) -> (n, d)``. Returns equally weighted particles
+    ``(n_particles, d)`` (resampled), the log-evidence estimate and diagnostics."""
+    import blackjax
+
+    def log_target_over_q(z):
+        lt = log_target(z)
         return jnp.where(jnp.isfinite(lt), lt - log_q(z), -jnp.inf)
 
     add_step = blackjax.additive_step_random_walk.build_kernel()
@@ -379,7 +400,7 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
         return new, info.log_likelihood_increment, jnp.mean(info.update_info.is_accepted)
 
     k0, key = jax.random.split(key)
-    z0 = net.sample_z(k0, n_particles, emb)
+    z0 = sample_q(k0, n_particles)
     state = blackjax.smc.tempered.init(z0)
     log_z, steps, acc, betas = 0.0, 0, [], []
     d = z0.shape[-1]
@@ -397,12 +418,12 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
         steps += 1
         # aim at the random-walk optimum of about 0.23: shrink after few acceptances, widen after many
         scale = float(np.clip(scale * math.exp(2.0 * (acc[-1] - 0.234)), 0.05 / math.sqrt(d), 3.0))
-    theta = np.asarray(from_unbounded(state.particles, lows, highs), np.float64)
-    finite_particles = bool(np.all(np.isfinite(theta)))
+    z_final = np.asarray(state.particles, np.float64)
+    finite_particles = bool(np.all(np.isfinite(z_final)))
     w = np.asarray(state.weights, np.float64)
     diag = dict(smc_steps=steps, temperatures=betas, acceptance_rate=float(np.mean(acc)) if acc else 0.0,
                 acceptance_per_step=acc, final_ess=float(1.0 / np.sum(w**2)), particles=n_particles,
                 reached_posterior=bool(float(state.tempering_param) >= 1.0) and finite_particles,
                 likelihood_evaluations=steps * n_particles * (mcmc_steps + 1))
     idx = _systematic(key, np.log(np.maximum(w, 1e-300)), n_particles)
-    return theta[idx], log_z, diag
+    return z_final[idx], log_z, diag
