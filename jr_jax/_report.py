@@ -502,6 +502,8 @@ def _posterior(res) -> list[tuple]:
                    "that the rank of the truth among the draws is uniform; the contraction is 1 − posterior "
                    "variance / prior variance (0: the data add nothing to the prior, 1: they pin the value); "
                    "log(C·a_k) are the combinations that enter the equations."))
+    b.append(("p", _still_falling(pt, "posterior estimator", "the flow's negative log density") + " "
+                   + _still_falling(res["robust"]["training"], "point regressor", "MSE of the scaled targets")))
     head = ["quantity", "cov. 50 %", "cov. 80 %", "cov. 90 %", "cov. 95 %", "cal. error", "SBC p", "contraction",
             "posterior mean R²", "point regressor R²"]
     t = []
@@ -578,6 +580,21 @@ def _posterior(res) -> list[tuple]:
     for f in post["figures"]:
         b.append(("img", f"figures/{f['file']}", f"posterior calibration at {level_label(f['snr_db'])}"))
     return b
+
+
+def _still_falling(training: dict, what: str, loss: str) -> str:
+    """A sentence on whether a model's validation loss was still falling when its training ended."""
+    val = [h["val_loss"] for h in training.get("history", [])]
+    if len(val) < 3:
+        return ""
+    k = max(1, len(val) // 3)
+    drop = min(val[:-k]) - min(val)  # what the last third of the epochs added to the best loss
+    span = val[0] - min(val)
+    text = (f"The {what}'s validation loss ({loss}) went from {val[0]:.4g} after the first epoch to {min(val):.4g} "
+            f"at best; its last {k} epochs lowered the best by {drop:.3g}")
+    if span > 0 and drop > 0.05 * span:
+        return text + f" ({drop / span:.0%} of its whole fall): it was still falling, and more epochs would sharpen it."
+    return text + ": it had levelled off."
 
 
 def _grid(res) -> list[tuple]:

@@ -1,7 +1,14 @@
 """Write the notebooks from the cells below and execute them, so that they are stored with their
-figures. Small sizes by default; JR_JAX_FULL=1 selects the full sizes.
+figures. Small sizes by default (each notebook runs in well under a minute on a 2-core CPU);
+JR_JAX_FULL=1 selects the full sizes.
 
     python notebooks/make_notebooks.py [NAME.ipynb ...]
+
+To add a notebook: write its cells as a list of ("md" | "code", source) pairs and add one entry
+to NOTEBOOKS (name -> cells) and to MIN_FIGURES (name -> the figures it must draw);
+tests/test_notebooks.py runs every notebook listed there. Notebooks use the public API only
+(``jr_jax.X``, ``jr_jax.sensitivity.X``), and any number their text quotes is printed by a code
+cell from the results it computed (the "Reading" cells), never typed into markdown.
 """
 
 from pathlib import Path
@@ -111,18 +118,32 @@ ax.set_ylim(0, 1.02); ax.set_ylabel("R² ceiling"); ax.legend(); ax.grid(alpha=0
     ("md", """\
 ## Reading
 
-- The ERP under the study's stimulus is driven mostly by the connectivity C, the inhibitory gain
-  A_i, the inhibitory rate b_i and the fraction a_4; A_e, b_e and a_1..a_3 move it little (Sobol'
-  ST of the RMS: benchmarks/sensitivity.py, 11 264 simulations).
-- Exact derivatives confirm it locally (elasticities), and the DGSM bound holds for every
-  parameter; but the squared derivatives are heavy-tailed over the wide prior, so the DGSM ranking
-  needs many draws to settle.
-- The Fisher information has one eigenvalue that is zero to rounding: the model depends on C and
-  a_1..a_4 only through the products C_k = a_k C, so scaling C by λ and every a_k by 1/λ leaves
-  the ERP unchanged. No estimator can separate C from the a_k; only the prior resolves that
-  direction. The R² ceiling of a_1..a_4 stays below 1 even at high SNR for this reason.
-- The Fisher ceiling says how much any estimator could recover at a given SNR near the defaults,
-  to be read beside the Bi-LSTM's measured R² over the prior (README)."""),
+Printed from the results above. The model depends on C and a_1..a_4 only through the products
+C_k = a_k C: scaling C by λ and every a_k by 1/λ leaves the ERP unchanged, so the Fisher
+information has an exact null direction and no estimator can separate C from the a_k; only the
+prior resolves that direction."""),
+    ("code", """\
+st = {s["parameter"]: s["ST"] for s in sob}
+order = sorted(st, key=st.get, reverse=True)
+holds = [s["parameter"] for s, d in zip(sob, dg) if s["ST"] - s["ST_conf"] <= d["dgsm_high"]]
+ev = np.abs(res["eigenvalues"])
+null = res["eigenvectors"][:, 0]                          # the direction of the smallest eigenvalue
+log_scale = np.array([1.0 if n == "C" else -1.0 if n.startswith("a_") else 0.0 for n in names])
+log_scale /= np.linalg.norm(log_scale)
+theta0 = np.array([float(getattr(jr_jax.JRParams(), n)) for n in names])
+rel = null / theta0                                       # as relative changes, d theta / theta
+align = abs(float(np.dot(rel, log_scale))) / np.linalg.norm(rel)
+print(f"- Sobol' ST of the RMS ({sob[0]['n_simulations']} simulations): largest {', '.join(f'{p} {st[p]:.2f}' for p in order[:4])}; "
+      f"smallest {', '.join(f'{p} {st[p]:.3f}' for p in order[-3:])}.")
+print(f"- The DGSM bound holds (ST minus its interval below the bound's upper limit) for {len(holds)} of {len(names)} parameters"
+      + ("." if len(holds) == len(names) else f" (not for {', '.join(p for p in names if p not in holds)})."))
+print(f"- Fisher eigenvalues at {snrs[-1]} dB span {ev.max():.3g} down to {ev.min():.3g}: a ratio of {ev.min() / ev.max():.1e}, "
+      f"zero to float64 rounding. Its eigenvector, as a relative change of each parameter, lies along "
+      f"(C up, every a_k down) to {align:.4f} (1 = exactly the scaling direction).")
+lowest = min(ceilings)
+print(f"- R² ceiling at the defaults: at {lowest} dB " + ", ".join(f"{n} {c:.2f}" for n, c in zip(names, ceilings[lowest]))
+      + f"; at {snrs[-1]} dB the a_k reach at most {max(ceilings[snrs[-1]][names.index(f'a_{k}')] for k in range(1, 5)):.2f} "
+      "(the scaling direction is left to the prior).")"""),
 ]
 
 OAT = [
@@ -163,10 +184,18 @@ print("RMS change of the ERP over the sweep (mV):", {k: round(v, 2) for k, v in 
     ("md", """\
 ## Reading
 
-With consistent units every parameter changes the ERP, but by very different amounts: A_i, b_i
-and C reshape the N1/P2 complex, b_e shifts its timing, A_e and a_1..a_3 change it least. In the
-study's code the sigmoid was nearly flat (volts against r in mV⁻¹), which made the model close to
-linear and a_1..a_4 nearly invisible; here the a_k sweeps still show structured changes."""),
+Printed from the sweeps above. In the study's code the sigmoid was nearly flat (volts against r
+in mV⁻¹), which made the model close to linear and a_1..a_4 nearly invisible; with consistent
+units every parameter changes the ERP, by very different amounts."""),
+    ("code", """\
+order = sorted(spread, key=spread.get, reverse=True)
+print(f"RMS change of the ERP over its 0.5-1.5x sweep ({len(factors)} steps), largest first:")
+for name in order:
+    print(f"  {name:4s} {spread[name]:7.2f} mV  ({spread[name] / spread[order[0]]:.0%} of {order[0]}'s)")
+peak_shift = {name: float(np.ptp(protocol.times[np.argmin(sweeps[name], axis=1)]) * 1e3) for name in names}
+print("how far the most negative peak moves over the sweep (ms):", {k: round(v) for k, v in peak_shift.items()})
+print(f"the a_k sweeps change the ERP by {min(spread[f'a_{k}'] for k in range(1, 5)):.2f} to "
+      f"{max(spread[f'a_{k}'] for k in range(1, 5)):.2f} mV RMS: small beside {order[0]}, but not zero")"""),
 ]
 
 
@@ -177,8 +206,9 @@ INFERENCE = [
 The workflow of the reference study in a few cells: simulate clean ERPs from the study's prior,
 train the Bi-LSTM with fresh measurement noise at SNRs between 0 and 40 dB, evaluate it on the
 held-out split beside the prior mean and ridge regression, and call `Estimator.predict` on an ERP
-it has never seen. Small sizes by default (4 000 ERPs, 15 epochs: two to three minutes on a 2-core
-CPU); JR_JAX_FULL=1 trains on 20 000 ERPs for 30 epochs. `jr-jax reproduce` runs the whole study with a report."""),
+it has never seen. Small sizes by default (under a minute on a 2-core CPU; the first cell prints
+them); JR_JAX_FULL=1 selects larger ones. `jr-jax reproduce` runs the whole study with a report,
+including a posterior estimator (`jr_jax.train(..., kind="posterior")`) and its calibration."""),
     ("code", """\
 import os, tempfile
 from pathlib import Path
@@ -187,35 +217,38 @@ import matplotlib.pyplot as plt
 import jr_jax
 
 FULL = os.environ.get("JR_JAX_FULL") == "1"   # small sizes unless JR_JAX_FULL=1
-n, epochs = (20_000, 30) if FULL else (4_000, 15)
+n, epochs = (20_000, 30) if FULL else (4_000, 10)
 work = Path(tempfile.mkdtemp(prefix="jr_jax_inference_"))
 prior = jr_jax.Prior(kind="normal")                    # the study's normal prior, truncated to its ranges
 protocol = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study())
 ds = jr_jax.make_dataset(prior, protocol, n, work / "train.zarr", key=jax.random.key(0), progress=False)
+split = ds.split()
+print(f"{n} ERPs (split {len(split.train)}/{len(split.val)}/{len(split.test)}), {epochs} epochs")
 print(ds.summary())"""),
     ("md", """\
 ## Train
 
 The study's Bi-LSTM (one layer, 64 units per direction, dropout 0.1) behind a strided 1-D
 convolution (the study's CNN-BiLSTM option: 16 ms windows, 75 LSTM steps instead of 1201), Adam with
-a cosine schedule, fresh noise at SNRs drawn in [0, 40] dB for every batch."""),
+a cosine schedule, fresh noise at SNRs drawn in [0, 40] dB for every batch. `kind="point"` is the
+study's regressor; the default, `kind="posterior"`, trains a posterior estimator on the same data."""),
     ("code", """\
 encoder = dict(conv_channels=32, conv_kernel=16, conv_stride=16)
-est, history = jr_jax.train(ds, kind="point", snr_db=(0.0, 40.0), encoder=encoder, epochs=epochs, schedule="cosine", progress=False)
+est, history = jr_jax.train(ds, kind="point", snr_db=(0.0, 40.0), encoder=encoder, epochs=epochs, schedule="cosine",
+                            patience=epochs, progress=False)
 est.save(work / "model")
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot([h["train_loss"] for h in history], label="training"); ax.plot([h["val_loss"] for h in history], label="validation")
 ax.set_xlabel("epoch"); ax.set_ylabel("MSE (targets scaled to [0, 1])"); ax.legend()
-print(f"{history[-1]['samples'] / history[-1]['seconds']:.0f} training samples/s")"""),
+print(f"{history[-1]['samples'] / history[-1]['seconds']:.0f} training samples/s in the last epoch")"""),
     ("md", """\
 ## Evaluate on the held-out split
 
 R² per parameter and test SNR, with the prior mean (R² = 0 by construction) and ridge regression on
 the ERP downsampled to 100 Hz as baselines."""),
     ("code", """\
-from jr_jax._evaluate import format_table
 rows = jr_jax.evaluate(est, ds, snrs=(None, 30.0, 10.0, 0.0))
-print(format_table(rows, "r2"))"""),
+print(jr_jax.format_table(rows, "r2"))"""),
     ("md", """\
 ## Predict the parameters of a new ERP
 
@@ -235,12 +268,21 @@ ax.set_xlabel("time from stimulus onset (ms)"); ax.set_ylabel("ERP (mV)"); ax.se
     ("md", """\
 ## Reading
 
-At these small sizes b_i, A_i and C are recovered best, b_e less, A_e and a_1..a_4 hardly; ridge
-regression on the downsampled ERP is about as good on clean ERPs, and the network's advantage shows
-as the noise grows. More simulations and epochs raise the network's R² well above ridge
-(`jr-jax reproduce`: 4 800 ERPs and 20 epochs give R² ≈ 0.9 on b_i). The gradient-sensitivity
-notebook shows why C and the a_k stay poorly determined: they share an exact null direction of the
-Fisher information."""),
+Printed from the evaluation above. The gradient-sensitivity notebook shows why C and the a_k stay
+poorly determined: they share an exact null direction of the Fisher information."""),
+    ("code", """\
+r2 = {(r["method"], r["snr_db"], r["parameter"]): r["r2"] for r in rows}
+net = "jr_jax Bi-LSTM"
+order = sorted(est.names, key=lambda p: -r2[(net, 30.0, p)])
+print(f"Trained on {len(split.train)} ERPs for {len(history)} epochs, tested on {len(split.test)}.")
+print("At 30 dB the network's R², best first: " + ", ".join(f"{p} {r2[(net, 30.0, p)]:.2f}" for p in order))
+weak = [p for p in est.names if r2[(net, 30.0, p)] < 0.1]
+print(f"Below R² 0.1 at 30 dB (not recovered at this size): {', '.join(weak) or 'none'}.")
+for snr in (None, 0.0):
+    a = np.mean([r2[(net, snr, p)] for p in est.names]); b = np.mean([r2[("ridge", snr, p)] for p in est.names])
+    print(f"{'clean' if snr is None else f'{snr:g} dB'}: mean R² network {a:.2f}, ridge {b:.2f} "
+          f"({'network ahead' if a > b else 'ridge ahead or level'})")
+print("More simulations and epochs raise the network's R² (JR_JAX_FULL=1 here, or jr-jax reproduce).")"""),
 ]
 
 
@@ -257,6 +299,8 @@ def build(name: str, cells, execute: bool = True) -> Path:
 
 
 NOTEBOOKS = {"gradient_sensitivity.ipynb": GRADIENT, "oat_sweeps.ipynb": OAT, "inference.ipynb": INFERENCE}
+#: how many figures each notebook must draw (tests/test_notebooks.py checks it)
+MIN_FIGURES = {"gradient_sensitivity.ipynb": 4, "oat_sweeps.ipynb": 2, "inference.ipynb": 2}
 
 if __name__ == "__main__":
     import sys
