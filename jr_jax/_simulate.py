@@ -309,8 +309,9 @@ def simulate(
     devices = jax.local_devices()
     n_dev = len(devices)
     chunk = min(chunk_size, n)
-    chunk = -(-chunk // n_dev) * n_dev
     traced = any(isinstance(getattr(p, f), jax.core.Tracer) for f in JRParams.names)
+    if not traced:  # a chunk is split over the devices; traced batches stay on one (no padding)
+        chunk = -(-chunk // n_dev) * n_dev
     if traced and chunk < n:
         raise ValueError("under jax.jit, simulate needs the whole batch in one chunk: pass chunk_size >= N")
     sharding = None
