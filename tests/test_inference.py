@@ -21,15 +21,18 @@ def _oscillators(n, seed=0):
 
 @pytest.fixture(scope="module")
 def toy():
-    theta, erp = _oscillators(2000)
+    """1000 oscillators, 12 epochs, 16 units: frequency R² 0.97 on the fresh test set below (2000
+    samples, 15 epochs, 32 units gave 0.996 in twice the time; 1000 samples, 8 epochs gave 0.90)."""
+    theta, erp = _oscillators(1000)
     data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0,
                                     units=("Hz", "s"))
-    est, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=32), epochs=15, progress=False)
+    est, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=12, progress=False)
     return data, est, history
 
 
 def test_bilstm_recovers_the_oscillator_frequency(toy):
-    """The issue's toy check: R^2 > 0.9 on the frequency (15 epochs, about 15 s on 2 cores)."""
+    """The issue's toy check: R^2 > 0.9 on the frequency (measured 0.97 with the fixture's training).
+    300 fresh test samples: the SD of an R² near 0.97 is about 0.004, far inside the margin."""
     data, est, history = toy
     theta, erp = _oscillators(300, seed=1)  # fresh samples, never seen in training
     noisy = erp + np.random.default_rng(2).normal(size=erp.shape) * np.sqrt((erp**2).mean(1, keepdims=True) / 100)
@@ -209,8 +212,9 @@ def test_multichannel_input():
 
 def test_training_on_the_fly_simulates_fresh_batches():
     protocol = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study(), burn_in=0.1, tmin=-0.05, tmax=0.15)
-    data = TrainingData.on_the_fly(jr_jax.Prior(), protocol, key=jax.random.key(0), n_val=64, batches_per_epoch=5)
-    assert data.n_train is None and data.erp_val.shape == (64, protocol.n_times, 1)
+    # n_val = the batch size: validation and training draws share one compiled simulation
+    data = TrainingData.on_the_fly(jr_jax.Prior(), protocol, key=jax.random.key(0), n_val=16, batches_per_epoch=5)
+    assert data.n_train is None and data.erp_val.shape == (16, protocol.n_times, 1)
     first = [t for t, _ in data.batches(0, 16, 0)]
     second = [t for t, _ in data.batches(1, 16, 0)]
     assert len(first) == 5 and not np.array_equal(first[0], second[0])  # new draws every epoch
@@ -262,7 +266,7 @@ def test_encoder_batch_equals_per_sample_calls():
 
 def test_training_with_the_batch_split_over_devices_matches_one_device(tmp_path):
     """With 2 host devices train() splits each batch over them; the loss history equals the
-    one-device run up to float32 summation order (rtol 1e-3 after 3 epochs of 50 steps; the
+    one-device run up to float32 summation order (rtol 1e-3 after 3 epochs of 16 steps; the
     difference of sharded and unsharded gradient sums is ~1e-7 relative per step)."""
     import json
     import os
@@ -274,7 +278,7 @@ import json, jax, numpy as np
 import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 from test_inference import _oscillators
 from jr_jax import TrainingData, train
-theta, erp = _oscillators(1700)
+theta, erp = _oscillators(600)
 data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
 est, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
 print(json.dumps([len(jax.local_devices())] + [h["val_loss"] for h in history]))
@@ -283,7 +287,7 @@ print(json.dumps([len(jax.local_devices())] + [h["val_loss"] for h in history]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     devices, *split = json.loads(out.stdout.strip().splitlines()[-1])
     assert devices == 2
-    theta, erp = _oscillators(1700)
+    theta, erp = _oscillators(600)
     data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
     _, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
     np.testing.assert_allclose(split, [h["val_loss"] for h in history], rtol=1e-3)
