@@ -9,7 +9,9 @@ Observation model (``x``: the ERP in mV on ``protocol.times``, n samples)::
 with ``m`` the noise-free source ERP y1 - y2 (mV) of :func:`jr_jax.simulate` (baseline-corrected
 on ``t < 0`` when the protocol is). ``theta`` has the prior ``prior``; a free ``gain`` is
 log-uniform in ``|gain|`` over a stated range with its sign chosen by the data; a free
-``latency`` (s, the delay of the stimulus' arrival) is uniform over a stated range.
+``latency`` (s, the delay of the stimulus' arrival) is uniform over a stated range; the model is then
+simulated from ``tmin - latency_high`` (after the protocol's burn-in) and read at ``t - latency``
+by linear interpolation.
 
 Every parameter lives in a box ``[low, high]`` (``log|gain|`` for the gain) and is fitted in
 ``z = logit((u - low) / (high - low))``. The negative log posterior in z is ``||r(z)||^2 / 2`` up to
@@ -562,11 +564,12 @@ _COMPILED: dict = {}
 
 def _compiled(space: _Space, protocol: Protocol, max_steps: int):
     """The jitted solve, Jacobian, log posterior and model of one fit structure, built once per
-    (prior, gain/latency ranges, protocol, max_steps) so that later fits reuse the compilation."""
+    (prior, gain/latency ranges, protocol) (the solve also per ``max_steps``) so that later fits
+    reuse the compilation."""
     import json
 
-    key = json.dumps([space.prior.to_dict(), space.gain, space.latency, space.fixed_gain, protocol.to_dict(),
-                      max_steps], sort_keys=True, default=str)
+    key = json.dumps([space.prior.to_dict(), space.gain, space.latency, space.fixed_gain, protocol.to_dict()],
+                     sort_keys=True, default=str)
     if key not in _COMPILED:
         model = _Model(space, protocol)
         lows, highs = jnp.asarray(space.lows, jnp.float32), jnp.asarray(space.highs, jnp.float32)
@@ -574,12 +577,15 @@ def _compiled(space: _Space, protocol: Protocol, max_steps: int):
         log_post = _batched_log_post(space, model, lows, highs)
         _COMPILED[key] = dict(
             model=model, lows=lows, highs=highs, log_post=log_post, log_post_jit=jax.jit(log_post),
-            solve=_solve_batch(residuals, max_steps),
+            residuals=residuals, solve={},
             residuals_and_jac=jax.jit(jax.vmap(lambda z, s, x, sd: (residuals(z, s, x, sd),
                                                                     jax.jacfwd(residuals)(z, s, x, sd)),
                                                in_axes=(0, 0, None, None))),
             model_jit=jax.jit(lambda u, s: model(u, s)))
-    return _COMPILED[key]
+    comp = _COMPILED[key]
+    if max_steps not in comp["solve"]:
+        comp["solve"][max_steps] = _solve_batch(comp["residuals"], max_steps)
+    return dict(comp, solve=comp["solve"][max_steps])
 
 
 def _residual_fn(space, model, lows, highs):

@@ -300,6 +300,75 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def _fit(args: argparse.Namespace) -> int:
+    """jr-jax fit: one signal of a recording, fitted; a table, a figure and optionally the draws."""
+    import re
+    import warnings
+
+    import jax
+    import numpy as np
+
+    from ._estimator import MisspecificationWarning
+
+    try:
+        from ._fit import fit
+        from .eeg import recording_protocol, signal_from_evoked
+
+        path = Path(args.recording)
+        if not (path.name.endswith(".fif") or path.name.endswith(".fif.gz")):
+            raise ValueError(f"the recording must be an MNE Evoked file (-ave.fif or -ave.fif.gz), got {path.name}")
+        if args.channel is not None and args.mode is not None:
+            raise ValueError("give --channel or --mode, not both")
+        condition = int(args.condition) if args.condition.isdigit() else args.condition
+        estimator = None
+        if args.model is not None:
+            from ._estimator import Estimator
+            from ._simulate import Protocol
+
+            estimator = Estimator.load(args.model)
+            if not estimator.manifest.get("protocol"):
+                raise ValueError(f"{args.model}: the manifest records no protocol, so the recording cannot be put on "
+                                 "its grid")
+            protocol = Protocol.from_dict(estimator.manifest["protocol"]).replace(snr_db=None)
+        else:
+            protocol = recording_protocol(path, condition=condition)
+        rec = signal_from_evoked(path, protocol=protocol, condition=condition, channel=args.channel,
+                                 mode=args.mode if args.channel is None else None,
+                                 reference=None if args.reference == "none" else "average")
+        out = Path(args.out)
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", f"{rec.condition}_{rec.signal}").strip("_")
+        figure = out / f"{stem}.png"
+        targets = [figure] + ([Path(args.samples)] if args.samples else [])
+        existing = [str(t) for t in targets if t.exists()]
+        if existing and not args.force:
+            raise ValueError(f"{', '.join(existing)} exist(s); pass --force to overwrite")
+        print(f"{path.name}: condition {rec.condition!r} (nave {rec.nave}), {rec.signal} of {len(rec.ch_names)} "
+              f"channel(s) ({100 * rec.explained_variance:.0f}% of the variance), {protocol.tmin:g} to "
+              f"{protocol.tmax:g} s at {protocol.fs:g} Hz; noise SD {rec.noise_sd:.3g} mV "
+              f"{'(given)' if args.noise_sd else 'from the baseline'}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MisspecificationWarning)
+            warnings.simplefilter("always", RuntimeWarning)
+            result = fit(rec, noise_sd=args.noise_sd, estimator=estimator, key=jax.random.key(args.seed),
+                         n_starts=args.starts, n_samples=args.draws, level=args.level, max_steps=args.max_steps,
+                         smc_particles=args.smc_particles)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.table())
+    for w in caught:
+        print(f"warning: {w.message}")
+    out.mkdir(parents=True, exist_ok=True)
+    result.plot(figure, title=f"{rec.condition}, {rec.signal}: R² {result.r2:.2f}, reduced χ² "
+                              f"{result.chi2_reduced:.2f}")
+    print(f"figure: {figure}")
+    if args.samples:
+        np.save(args.samples, result.samples)
+        print(f"samples: {args.samples} ({result.samples.shape[0]} draws of {', '.join(result.names)})")
+    print(f"{result.diagnostics['total_s']:.1f} s")
+    return 0
+
+
 def _sensitivity(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
@@ -515,6 +584,31 @@ def _parser() -> argparse.ArgumentParser:
                    "(n_erps, draws, n_params) (default: none)")
     f.add_argument("--seed", type=int, default=0, help="posterior estimators: random seed of the draws")
     f.add_argument("--force", action="store_true", help="overwrite the --samples file")
+    g = command("fit", "fit the model to a recorded ERP (MNE Evoked): MAP, posterior intervals, R², reduced "
+                "chi-square and a figure of the fit", _fit)
+    g.add_argument("recording", help="MNE Evoked file (-ave.fif or -ave.fif.gz, volts)")
+    g.add_argument("--condition", default="0", help="which Evoked of the file (index or comment)")
+    g.add_argument("--channel", default=None, help="fit this channel (default: none, the spatial mode --mode)")
+    g.add_argument("--mode", type=int, default=None, help="fit the k-th spatial mode (principal component) of the good "
+                   "EEG channels (default: 1 unless --channel is given)")
+    g.add_argument("--model", default=None, help="posterior estimator folder whose draws start the fit; the recording "
+                   "is put on its protocol (default: none, prior draws start it, on the recording's own grid)")
+    g.add_argument("--noise-sd", type=float, default=None, help="measurement noise SD (mV) (default: none, the SD "
+                   "of the pre-stimulus baseline)")
+    g.add_argument("--reference", choices=["average", "none"], default="average",
+                   help="re-reference to the average of the good EEG channels, or keep the file's")
+    g.add_argument("--starts", type=int, default=8, help="Levenberg-Marquardt starts, solved in one batch")
+    g.add_argument("--max-steps", type=int, default=100, help="most Levenberg-Marquardt steps per start (a start "
+                   "that does not converge within them is reported as not converged)")
+    g.add_argument("--draws", type=int, default=1000, help="posterior draws")
+    g.add_argument("--smc-particles", type=int, default=1000, help="particles of the tempered SMC used when the "
+                   "Laplace importance weights are unreliable (Pareto k-hat > 0.7)")
+    g.add_argument("--level", type=float, default=0.9, help="central credible interval level")
+    g.add_argument("--out", default="jr_jax_out/fit", help="folder of the figure (CONDITION_SIGNAL.png)")
+    g.add_argument("--samples", default=None, help="write the posterior draws to this .npy file, shape (draws, "
+                   "n_params) in the order of the table (default: none)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the starts and the draws")
+    g.add_argument("--force", action="store_true", help="overwrite the figure and the --samples file")
     a = command("sensitivity", "Sobol', Morris, DGSM, Fisher or one-at-a-time sensitivity; table + figure",
                 _sensitivity)
     a.add_argument("--method", choices=["sobol", "morris", "dgsm", "fisher", "oat"], required=True,

@@ -112,6 +112,23 @@ def signal_from_evoked(evoked, *, protocol=None, condition=0, channel: str | Non
     if mode is None and channel is None:
         mode = 1
     ev = _read(evoked, condition)
+    if channel is not None:
+        if not isinstance(channel, str):
+            raise TypeError(f"channel must be a channel name (str), got {type(channel).__name__}")
+        if channel not in ev.ch_names:
+            eeg = [c for c, t in zip(ev.ch_names, ev.get_channel_types()) if t == "eeg"]
+            raise ValueError(f"channel {channel!r} is not in the recording; its EEG channels are "
+                             f"{', '.join(eeg[:12])}{', ...' if len(eeg) > 12 else ''} ({len(eeg)} in all)")
+        kind = ev.get_channel_types([channel])[0]
+        if kind != "eeg":
+            raise ValueError(f"channel {channel!r} is a {kind} channel: fit takes EEG channels (volts)")
+        if channel in ev.info["bads"]:
+            raise ValueError(f"channel {channel!r} is marked bad in the recording")
+        raw = ev.data[ev.ch_names.index(channel)]
+        if not np.all(np.isfinite(raw)):
+            raise ValueError(f"channel {channel} has NaN or infinite values")
+        if not np.std(raw) > 0:
+            raise ValueError(f"channel {channel} is flat (constant): pick another channel")
     if protocol is None:
         protocol = recording_protocol(ev)
     x, names = from_evoked(ev, channel, protocol=protocol, reference=reference, return_ch_names=True)
