@@ -429,7 +429,13 @@ Where the single column falls short: the baseline of a few-epoch average is itse
 EEG, not white noise, so a white-noise χ² against its SD is a strict test, and what the model
 leaves is slow activity before and after the response that no input-driven single column makes.
 A fit of several sources (DCM's several modes and columns) or a noise model with the baseline's
-spectrum would be the next step; the numbers above say how far this one gets."""),
+spectrum would be the next step; the numbers above say how far this one gets.
+
+A caution on the intervals: (C, a_k) → (λC, a_k/λ) leaves every ERP unchanged, so the exact
+posterior of C and of each a_k alone must stretch along that ridge as far as the prior box
+allows. If the table shows C and a_k as tightly determined, the sampler (tempered SMC with
+random-walk moves, started from the Laplace approximation) has not explored the ridge: read
+those intervals as too narrow, and trust log(C·a_k), which the ridge leaves fixed."""),
 ]
 
 NOTEBOOKS = {"gradient_sensitivity.ipynb": GRADIENT, "oat_sweeps.ipynb": OAT, "inference.ipynb": INFERENCE,
