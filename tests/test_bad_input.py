@@ -222,7 +222,7 @@ def test_help_shows_every_default():
     from jr_jax.cli import _parser
 
     commands = next(a for a in _parser()._actions if a.choices and "simulate" in a.choices).choices
-    assert set(commands) == {"reproduce", "simulate", "train", "evaluate", "infer", "sensitivity", "info"}
+    assert set(commands) == {"reproduce", "simulate", "train", "evaluate", "infer", "fit", "sensitivity", "info"}
     for name, p in commands.items():
         p.format_help()
         formatter = p._get_formatter()
