@@ -516,7 +516,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         params["gain"] = space.fixed_gain
     params["noise_sd"] = noise_sd
     diag["total_s"] = time.perf_counter() - t_start
-    diag["prior_sd_derived"] = _prior_sd_derived(prior, k_smc)
+    diag["prior_sd_derived"] = comp["prior_sd_derived"]
     diag["sign_of_gain"] = float(sign[best])
     return FitResult(
         names=space.names, units=space.units, params=params, samples=samples, erp=x, times=np.asarray(protocol.times),
@@ -581,26 +581,36 @@ def _compiled(space: _Space, protocol: Protocol, max_steps: int):
             residuals_and_jac=jax.jit(jax.vmap(lambda z, s, x, sd: (residuals(z, s, x, sd),
                                                                     jax.jacfwd(residuals)(z, s, x, sd)),
                                                in_axes=(0, 0, None, None))),
-            model_jit=jax.jit(lambda u, s: model(u, s)))
+            model_jit=jax.jit(lambda u, s: model(u, s)), prior_sd_derived=_prior_sd_derived(space.prior))
     comp = _COMPILED[key]
     if max_steps not in comp["solve"]:
         comp["solve"][max_steps] = _solve_batch(comp["residuals"], max_steps)
     return dict(comp, solve=comp["solve"][max_steps])
 
 
-def _residual_fn(space, model, lows, highs):
-    prior = space.prior
+def _prior_residuals(prior: Prior):
+    """``(z (..., d), u (..., d)) -> (..., d [+ n_params])``: the prior's residuals (module
+    docstring): ``rho(z)`` for every coordinate, and ``(theta - mid) / sd`` for a normal prior."""
     k = len(prior.names)
     mid = jnp.asarray((prior.lows + prior.highs) / 2, jnp.float32)
     sd = jnp.asarray((prior.highs - prior.lows) / 4, jnp.float32)
 
+    def residuals(z, u):
+        if prior.kind == "normal":
+            return jnp.concatenate([_soft_abs(z), (u[..., :k] - mid) / sd], axis=-1)
+        return _soft_abs(z)
+
+    return residuals
+
+
+def _residual_fn(space, model, lows, highs):
+    """``(z (d,), sign, x, noise_sd) -> r``: the data's residuals, then the prior's."""
+    prior_residuals = _prior_residuals(space.prior)
+
     def residuals(z, sign, xj, noise_sd):
         u = from_unbounded(z, lows, highs)
         m = model(u[None], sign[None], differentiation="forward")[0]
-        parts = [(xj - m) / noise_sd, _soft_abs(z)]
-        if prior.kind == "normal":
-            parts.append((u[:k] - mid) / sd)
-        return jnp.concatenate(parts)
+        return jnp.concatenate([(xj - m) / noise_sd, prior_residuals(z, u)])
 
     return residuals
 
@@ -672,19 +682,14 @@ def _t_mixture_logpdf(z, centres, chols, weights, xp=np):
 
 
 def _batched_log_post(space, model, lows, highs):
-    """``(z (B, d), sign (B,)) -> -||r||^2 / 2 (B,)``: the log posterior in z up to a constant
-    (-inf where the model diverges)."""
-    prior = space.prior
-    k = len(prior.names)
-    mid = jnp.asarray((prior.lows + prior.highs) / 2, jnp.float32)
-    sd = jnp.asarray((prior.highs - prior.lows) / 4, jnp.float32)
+    """``(z (B, d), sign (B,), x, noise_sd) -> -||r||^2 / 2 (B,)``: the log posterior in z up to a
+    constant (-inf where the model diverges)."""
+    prior_residuals = _prior_residuals(space.prior)
 
     def log_post(z, sign, xj, noise_sd):
         u = from_unbounded(z, lows, highs)
         m = model(u, sign)
-        val = -0.5 * jnp.sum(((xj - m) / noise_sd) ** 2, axis=1) - 0.5 * jnp.sum(_soft_abs(z) ** 2, axis=1)
-        if prior.kind == "normal":
-            val = val - 0.5 * jnp.sum(((u[:, :k] - mid) / sd) ** 2, axis=1)
+        val = -0.5 * jnp.sum(((xj - m) / noise_sd) ** 2, axis=1) - 0.5 * jnp.sum(prior_residuals(z, u) ** 2, axis=1)
         return jnp.where(jnp.isfinite(val), val, -jnp.inf)
 
     return log_post
@@ -712,7 +717,7 @@ def _typical_rms(space: _Space, model: _Model, n: int = 256) -> float:
     return float(np.median(rms[np.isfinite(rms)]))
 
 
-def _prior_sd_derived(prior: Prior, key, n: int = 20000):
+def _prior_sd_derived(prior: Prior, n: int = 20000):
     """Prior SD of log(C*a_k) by Monte Carlo (``n`` draws; relative error about 1/sqrt(2n) = 0.5 %)."""
     from ._summary import derived_quantities
 

@@ -403,7 +403,6 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     z0 = sample_q(k0, n_particles)
     state = blackjax.smc.tempered.init(z0)
     log_z, steps, acc, betas = 0.0, 0, [], []
-    d = z0.shape[-1]
     scale = 2.38 / math.sqrt(d)  # random-walk scale on the particles' covariance, adapted to the acceptance
     while float(state.tempering_param) < 1.0 and steps < max_steps:
         key, k = jax.random.split(key)
