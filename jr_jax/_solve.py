@@ -113,6 +113,14 @@ def step_normals(k0, k1, step) -> Float[Array, "..."]:
     return bits_to_normal(jnp.where((step & np.uint32(1)) == 0, w0, w1))
 
 
+def _pair_normals(k0, k1, pairs, size: int):
+    """Normals of steps 2 pairs[j] and 2 pairs[j] + 1 for each key, interleaved: ``(size, *k0.shape)``."""
+    shape = (-1,) + (1,) * jnp.ndim(k0)
+    w0, w1 = threefry2x32(k0, k1, pairs.reshape(shape), np.uint32(0))
+    z = jnp.stack([bits_to_normal(w0), bits_to_normal(w1)], axis=1)  # (size/2, 2, ...)
+    return z.reshape((size,) + jnp.shape(w0)[1:])
+
+
 class CounterBrownianPath(diffrax.AbstractBrownianPath):
     """A Brownian motion on a fixed step grid whose increments are computed, not stored.
 
@@ -229,8 +237,8 @@ def standard_normals(keys: PRNGKeyArray, n: int, dtype) -> Float[Array, "n N"]:
     step k. This materialises them (``n x N`` values): the solvers draw them step by step instead.
     """
     k0, k1 = key_words(keys)
-    steps = jnp.arange(n, dtype=jnp.uint32)[:, None]
-    return step_normals(k0[None], k1[None], steps).astype(dtype)
+    m = -(-n // 2)
+    return _pair_normals(k0, k1, jnp.arange(m, dtype=jnp.uint32), 2 * m)[:n].astype(dtype)
 
 
 def brownian_increments(keys: PRNGKeyArray, n_steps: int, dt: float, dtype) -> Float[Array, "n_steps N"]:
