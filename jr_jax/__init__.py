@@ -14,6 +14,7 @@ _EXPORTS = {
     'load_dataset': ('._data', 'load_dataset'),
     'make_dataset': ('._data', 'make_dataset'),
     'Calibration': ('._calibration', 'Calibration'),
+    'c2st': ('._calibration', 'c2st'),
     'calibrate': ('._calibration', 'calibrate'),
     'calibration_from_draws': ('._calibration', 'calibration_from_draws'),
     'calibration_table': ('._calibration', 'calibration_table'),

@@ -12,6 +12,7 @@ Observation models (``x``: the ERP, ``f(theta)``: the noise-free simulated ERP, 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._estimator import MisspecificationWarning
-from ._flow import from_unbounded, log_jacobian
+from ._flow import from_unbounded
 from ._params import Prior
 from ._simulate import Protocol, simulate
 from ._solve import as_typed_key
@@ -321,20 +322,24 @@ def _chi2_reduced(theta, x, protocol, prior, noise_sd, snr_db) -> np.ndarray:
 
 
 def particle_batched(batch_fn):
-    """``batch_fn: z (B, d) -> (B,)`` as a per-particle function ``z (d,) -> ()`` whose ``jax.vmap``
-    calls ``batch_fn`` once on the whole batch (``jax.custom_batching.custom_vmap``): samplers
-    written per particle get the speed of one batched :func:`jr_jax.simulate`. Not differentiable."""
+    """``batch_fn: (z (B, d), *args) -> (B,)`` as a per-particle function ``(z (d,), *args) -> ()``
+    whose ``jax.vmap`` over ``z`` calls ``batch_fn`` once on the whole batch
+    (``jax.custom_batching.custom_vmap``): samplers written per particle get the speed of one
+    batched :func:`jr_jax.simulate`. ``args`` (e.g. the observed ERP) are shared by the particles,
+    never batched. Not differentiable."""
 
     @jax.custom_batching.custom_vmap
-    def one(z):
-        return batch_fn(z[None])[0]
+    def one(z, *args):
+        return batch_fn(z[None], *args)[0]
 
     @one.def_vmap
-    def _rule(axis_size, in_batched, z):
-        (batched,) = in_batched
+    def _rule(axis_size, in_batched, z, *args):
+        batched, *args_batched = in_batched
+        if any(jax.tree.leaves(args_batched)):
+            raise ValueError("particle_batched: only the particles may be batched, not the shared arguments")
         if not batched:
             z = jnp.broadcast_to(z, (axis_size,) + z.shape)
-        return batch_fn(z), True
+        return batch_fn(z, *args), True
 
     return one
 
@@ -352,39 +357,49 @@ def batched_loglik_fn(prior: Prior, protocol: Protocol, erp, noise_sd, snr_db):
 
 
 def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_particles, mcmc_steps, max_steps):
-    """Adaptive tempered SMC from q(z | x) (the NPE in unbounded coordinates) to the posterior."""
+    """Adaptive tempered SMC from the NPE q(theta | x) to the posterior, in log coordinates
+    u = log(theta) with the prior's box as hard walls (every prior bound is positive): there the exact
+    ridge (C, a_k) -> (lambda C, a_k / lambda) is a straight line, which random-walk moves on the
+    particles' covariance follow. The NPE's density moves to u with its Jacobian."""
     from ._estimator import _embed_jit
+    from ._flow import to_unbounded
 
     lows, highs = jnp.asarray(prior.lows, jnp.float32), jnp.asarray(prior.highs, jnp.float32)
+    if not bool(jnp.all(lows > 0)):
+        raise ValueError("the likelihood correction's SMC works in log(theta): every prior bound must be > 0, got "
+                         f"lows {prior.lows}")
     emb = _embed_jit(estimator, jnp.asarray(estimator._check(x, None)))[0]  # (1, T, C) -> one embedding
     net = estimator.encoder
     loglik = batched_loglik_fn(prior, protocol, x, noise_sd, snr_db)
 
-    def log_q(z):
-        return net.log_prob_z(z[None], emb[None])[0]
+    def log_q(u):
+        theta = jnp.exp(u)
+        inside = jnp.all((theta > lows) & (theta < highs))
+        z = to_unbounded(jnp.clip(theta, lows + 1e-7 * (highs - lows), highs - 1e-7 * (highs - lows)), lows, highs)
+        # log |dz/du| = sum log(theta (high - low) / ((theta - low) (high - theta)))
+        log_dz_du = jnp.sum(u + jnp.log(highs - lows) - jnp.log(theta - lows) - jnp.log(highs - theta))
+        return jnp.where(inside, net.log_prob_z(z[None], emb[None])[0] + log_dz_du, -jnp.inf)
 
-    def log_target(z):
-        theta = from_unbounded(z, lows, highs)
-        return loglik(z) + _log_prior(prior, theta) + log_jacobian(z, lows, highs)
+    def log_target(u):
+        theta = jnp.exp(u)
+        lp = _log_prior(prior, theta) + jnp.sum(u)
+        return jnp.where(jnp.isfinite(lp), loglik(to_unbounded(theta, lows, highs)) + lp, -jnp.inf)
 
-    z, log_z, diag = tempered_smc(log_q, lambda k, n: net.sample_z(k, n, emb), log_target, key, len(prior.names),
-                                  n_particles, mcmc_steps, max_steps)
-    return np.asarray(from_unbounded(jnp.asarray(z), lows, highs), np.float64), log_z, diag
+    def sample_q(k, n):
+        return jnp.log(from_unbounded(net.sample_z(k, n, emb), lows, highs))
+
+    u, log_z, diag = tempered_smc(log_q, sample_q, log_target, key, len(prior.names), n_particles, mcmc_steps,
+                                  max_steps)
+    diag["coordinates"] = "log(theta)"
+    return np.exp(np.asarray(u, np.float64)), log_z, diag
 
 
-def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps):
-    """Adaptive tempered SMC (BlackJAX) from a tractable q(z) to a target in R^d:
-    pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1 chosen to keep the ESS at half;
-    random-walk Metropolis moves on the particles' covariance, scale adapted towards acceptance 0.23.
-
-    ``log_q``, ``log_target``: per-particle log densities (``log_target`` may be
-    :func:`particle_batched`); ``sample_q(key, n) -> (n, d)``. Returns equally weighted particles
-    ``(n_particles, d)`` (resampled), the log-evidence estimate and diagnostics."""
+@functools.lru_cache(maxsize=8)
+def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
+    """One jitted step of adaptive tempered SMC, compiled once per (log_q, log_target) pair: with
+    ``with_data`` both take ``(z, data)`` and the data are an argument, not a constant, so one
+    compilation serves every observation."""
     import blackjax
-
-    def log_target_over_q(z):
-        lt = log_target(z)
-        return jnp.where(jnp.isfinite(lt), lt - log_q(z), -jnp.inf)
 
     add_step = blackjax.additive_step_random_walk.build_kernel()
 
@@ -392,13 +407,36 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
         return add_step(rng_key, state, logdensity_fn, lambda k, pos: chol @ jax.random.normal(k, pos.shape))
 
     @jax.jit
-    def step(k, state, chol):
+    def step(k, state, chol, data):
+        lq = (lambda z: log_q(z, data)) if with_data else log_q
+        lt = (lambda z: log_target(z, data)) if with_data else log_target
+
+        def log_target_over_q(z):
+            v = lt(z)
+            return jnp.where(jnp.isfinite(v), v - lq(z), -jnp.inf)
+
         kernel = blackjax.adaptive_tempered_smc(
-            log_q, log_target_over_q, rw_step, blackjax.rmh.init, dict(chol=chol[None]),
+            lq, log_target_over_q, rw_step, blackjax.rmh.init, dict(chol=chol[None]),
             blackjax.smc.resampling.systematic, 0.5, num_mcmc_steps=mcmc_steps)
         new, info = kernel.step(k, state)
         return new, info.log_likelihood_increment, jnp.mean(info.update_info.is_accepted)
 
+    return step
+
+
+def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None):
+    """Adaptive tempered SMC (BlackJAX) from a tractable q(z) to a target in R^d:
+    pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1 chosen to keep the ESS at half;
+    random-walk Metropolis moves on the particles' covariance, scale adapted towards acceptance 0.23.
+
+    ``log_q``, ``log_target``: per-particle log densities (``log_target`` may be
+    :func:`particle_batched`); ``sample_q(key, n) -> (n, d)``. Returns equally weighted particles
+    ``(n_particles, d)`` (resampled), the log-evidence estimate and diagnostics. With ``data``
+    (a pytree, e.g. the observed ERP), ``log_q`` and ``log_target`` take ``(z, data)``: the same
+    module-level functions then compile once for every observation."""
+    import blackjax
+
+    step = _smc_step(log_q, log_target, mcmc_steps, data is not None)
     k0, key = jax.random.split(key)
     z0 = sample_q(k0, n_particles)
     state = blackjax.smc.tempered.init(z0)
@@ -410,7 +448,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
         mean = jnp.sum(w[:, None] * z, axis=0)
         cov = (w[:, None] * (z - mean)).T @ (z - mean) + 1e-6 * jnp.eye(d)
         chol = scale * jnp.linalg.cholesky(cov)
-        state, inc, a = step(k, state, chol)
+        state, inc, a = step(k, state, chol, data)
         log_z += float(inc)
         acc.append(float(a))
         betas.append(float(state.tempering_param))

@@ -530,13 +530,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
                    "(default: inf, clean ERPs)")
-    t.add_argument("--epochs", type=int, default=150, help="most epochs")
+    t.add_argument("--epochs", type=int, default=60, help="most epochs (the study: 150); the expected duration is "
+                   "printed after the first")
     t.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
     t.add_argument("--schedule", choices=["cosine"], default=None,
                    help="learning-rate schedule (default: none, a constant rate)")
-    t.add_argument("--patience", type=int, default=50, help="stop after this many epochs without a better "
-                   "validation loss")
+    t.add_argument("--patience", type=int, default=15, help="stop after this many epochs without a better "
+                   "validation loss (the study: 50)")
     t.add_argument("--hidden", type=int, default=64, help="LSTM units per direction (study: 64)")
     t.add_argument("--layers", type=int, default=1, help="Bi-LSTM layers")
     t.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
