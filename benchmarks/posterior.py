@@ -140,7 +140,7 @@ def run_sbi(args, prior, tr_theta, tr_erp, observations, out):
         np.savez(sims, theta=tr_theta.astype(np.float32), x=x.astype(np.float32), lows=np.asarray(prior.lows),
                  highs=np.asarray(prior.highs), observations=observations.astype(np.float32))
         run = subprocess.run([args.sbi_python, str(Path(__file__).with_name("sbi_npe.py")), str(sims), "--out",
-                              str(draws)], capture_output=True, text=True)
+                              str(draws)], capture_output=True, text=True, cwd=tmp)  # sbi writes its logs there
         if run.returncode != 0:
             return None, dict(error="sbi could not be run: " + run.stderr.strip()[-400:])
         line = [ln for ln in run.stdout.splitlines() if ln.startswith("sbi_npe result: ")][-1]
