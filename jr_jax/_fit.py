@@ -471,16 +471,28 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             centres, mchols, mix, msign = centres[keep], mchols[keep], mix[keep] / mix[keep].sum(), msign[keep]
         s_fixed = float(msign[0])
 
-        def log_q_fn(z):
-            return _t_mixture_logpdf(z[None], centres, mchols, mix, jnp)[0]
+        # SMC moves in w: log(theta) for the model's parameters (every prior bound is positive), z for
+        # the gain and latency. In log(theta) the exact ridge (C, a_k) -> (lambda C, a_k / lambda) is a
+        # straight line, which random-walk moves on the particles' covariance follow; in z it is curved.
+        n_log = len(prior.names) if bool(np.all(np.asarray(prior.lows) > 0)) else 0
+
+        def log_q_fn(w):
+            z, ldj, inside = _z_from_w(w[None], lows, highs, n_log)
+            return jnp.where(inside[0], _t_mixture_logpdf(z, centres, mchols, mix, jnp)[0] + ldj[0], -jnp.inf)
 
         def sample_q(k, n):
-            return jnp.asarray(_t_mixture_sample(k, centres, mchols, mix, n)[0], jnp.float32)
+            return _w_from_z(jnp.asarray(_t_mixture_sample(k, centres, mchols, mix, n)[0], jnp.float32), lows, highs,
+                             n_log)
 
-        per_particle = particle_batched(
-            lambda zb: comp["log_post"](zb, jnp.full(zb.shape[0], s_fixed, jnp.float32), xj, sd_j))
-        z_smc, _, smc_diag = tempered_smc(log_q_fn, sample_q, per_particle, k_smc, d, smc_particles, smc_mcmc_steps,
-                                          60)
+        def log_post_w(wb):
+            z, ldj, inside = _z_from_w(wb, lows, highs, n_log)
+            lp = comp["log_post"](z, jnp.full(wb.shape[0], s_fixed, jnp.float32), xj, sd_j)
+            return jnp.where(inside, lp + ldj, -jnp.inf)
+
+        w_smc, _, smc_diag = tempered_smc(log_q_fn, sample_q, particle_batched(log_post_w), k_smc, d, smc_particles,
+                                          smc_mcmc_steps, 60)
+        z_smc = np.asarray(_z_from_w(jnp.asarray(w_smc, jnp.float32), lows, highs, n_log)[0], np.float64)
+        smc_diag["coordinates"] = "log(theta), z for gain and latency" if n_log else "z"
         idx = np.asarray(jax.random.choice(k_res, z_smc.shape[0], (n_samples,), replace=z_smc.shape[0] < n_samples))
         z_post, s_post, sampler = z_smc[idx], np.full(n_samples, s_fixed), "smc"
         diag.update({f"smc_{k}": v for k, v in smc_diag.items()})
@@ -586,6 +598,25 @@ def _compiled(space: _Space, protocol: Protocol, max_steps: int):
     if max_steps not in comp["solve"]:
         comp["solve"][max_steps] = _solve_batch(comp["residuals"], max_steps)
     return dict(comp, solve=comp["solve"][max_steps])
+
+
+def _w_from_z(z, lows, highs, n_log: int):
+    """SMC coordinates from fit coordinates: log(theta) for the first ``n_log``, z for the rest."""
+    u = from_unbounded(z, lows, highs)
+    return jnp.concatenate([jnp.log(u[..., :n_log]), z[..., n_log:]], axis=-1)
+
+
+def _z_from_w(w, lows, highs, n_log: int):
+    """The inverse of :func:`_w_from_z`, with ``log |dz/dw|`` and whether w lies inside the box."""
+    lo, hi = lows[:n_log], highs[:n_log]
+    theta = jnp.exp(w[..., :n_log])
+    inside = jnp.all((theta > lo) & (theta < hi), axis=-1)
+    eps = 1e-6 * (hi - lo)
+    t = jnp.clip(theta, lo + eps, hi - eps)
+    z = jnp.concatenate([to_unbounded(t, lo, hi), w[..., n_log:]], axis=-1)
+    # dz/dtheta = (hi - lo) / ((theta - lo) (hi - theta)), dtheta/dw = theta
+    ldj = jnp.sum(w[..., :n_log] + jnp.log(hi - lo) - jnp.log(t - lo) - jnp.log(hi - t), axis=-1)
+    return z, ldj, inside
 
 
 def _prior_residuals(prior: Prior):
