@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -388,6 +390,56 @@ def posterior_table(page: Path) -> str:
     ])
 
 
+def reference_table(page: Path) -> str:
+    """Each posterior method against the reference posteriors (benchmarks/posterior.py --reference)."""
+    d = json.loads((RESULTS / "posterior.json").read_text())
+    ref = d.get("reference")
+    if not ref:
+        return "Not measured: run `python benchmarks/posterior.py --reference benchmarks/results/reference_posteriors.npz`."
+    meta = json.loads((RESULTS / "reference_posteriors.json").read_text())
+    lines = ["| against the reference posteriors | SNR | observations | C2ST (0.5: indistinguishable) | "
+             "mean error (reference SDs) | SD ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    for snr, methods in ref["summary"].items():
+        for name, v in methods.items():
+            lines.append(f"| {name} | {snr} dB | {v['n_obs']} | {v['c2st']:.3f} | {v['mean_error_sd']:.2f} | "
+                         f"{v['sd_ratio']:.2f} |")
+    sbi = ref.get("sbi", {})
+    timing = (f"Training on the same {d['n_train']} + validation simulations: jr_jax's NPE "
+              f"{d['posterior_train_seconds']:.0f} s ({d['epochs']} epochs)" +
+              ("" if "train_seconds" not in sbi else
+               f", sbi's NPE {sbi['train_seconds']:.0f} s ({sbi.get('epochs')} epochs, torch {sbi['torch_version']}, "
+               f"{sbi['torch_threads']} threads); drawing 1000 samples per ERP: sbi {sbi['sample_seconds_per_erp']:.2f} s"))
+    obs = ref["observations"]
+    npe_s = np.median([o["npe_sample_seconds"] for o in obs])
+    corr = [o["correction_seconds"] for o in obs if "correction_seconds" in o]
+    timing += f"; jr_jax's NPE {npe_s:.2f} s" + (f", the likelihood correction {np.median(corr):.0f} s (median)" if corr else "")
+    conv = (f"The references: {meta['converged']} of {len(meta['observations'])} observations converged "
+            f"({meta['runs']} independent SMC runs of {meta['particles']} particles each, R-hat < {meta['rhat_max']}; "
+            f"`benchmarks/results/reference_posteriors.json`); only those are scored.")
+    return "\n".join(lines + ["", timing + ".", "", conv])
+
+
+def time_to_accuracy_table(page: Path) -> str:
+    """Weak error against wall time, and the time at 1 % (benchmarks/time_to_accuracy.py)."""
+    path = RESULTS / "time_to_accuracy.json"
+    if not path.is_file():
+        return "Not measured: run `python benchmarks/time_to_accuracy.py`."
+    d = json.loads(path.read_text())
+    lines = ["| solver | dt (ms) | weak error of the mean ERP (median) | wall time (s) |", "| --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        lines.append(f"| {r['solver']} | {r['dt'] * 1e3:g} | {100 * r['error_median']:.3f} % | {r['seconds']:.2f} |")
+    lines += ["", f"| at {100 * d['target']:g} % error | wall time (s) | speed-up over NumPy Euler–Maruyama |",
+              "| --- | --- | --- |"]
+    for solver, t in d["seconds_at_target"].items():
+        bound = " (within at 1 ms, the coarsest step: an upper bound)" if d["within_target_at_coarsest_step"].get(solver) else ""
+        sp = d["speedup_over_numpy"].get(solver)
+        lines.append(f"| {solver} | {'not reached' if t is None else f'{t:.2f}'}{bound} | "
+                     f"{'' if sp is None else f'{sp:.1f}×'} |")
+    lines += ["", f"{d['n_erps']} ERPs ({d['params']} prior draws × {d['seeds']} keys), 60 trials each; reference "
+              f"Heun at {d['dt_ref'] * 1e6:g} µs; `python benchmarks/time_to_accuracy.py`."]
+    return "\n".join(lines)
+
+
 def identifiability_table(page: Path) -> str:
     d = json.loads((RESULTS / "identifiability.json").read_text())
     labels = list(d["r2"])
@@ -403,6 +455,7 @@ TABLES = (("convergence-table", convergence_table), ("performance-table", perfor
           ("sensitivity-table", sensitivity_table), ("grid-table", grid_table),
           ("multichannel-table", multichannel_table), ("study-report", study_report),
           ("identifiability-table", identifiability_table), ("posterior-table", posterior_table),
+          ("reference-table", reference_table), ("time-to-accuracy-table", time_to_accuracy_table),
           ("readme-timing", readme_timing), ("readme-result", readme_result),
           ("test-suite-timing", test_suite_timing))
 
