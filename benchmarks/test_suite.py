@@ -4,9 +4,12 @@ Runs the whole suite once in a subprocess (nothing else should be using the CPU 
 writes benchmarks/results/test_suite.json: the wall time, pytest's summary line, the exit status,
 the machine and the date. `python benchmarks/update_readme.py` then states the figure in the README.
 
-    python benchmarks/test_suite.py
+    python benchmarks/test_suite.py [--log FILE]
+
+``--log`` keeps pytest's whole output (with the slowest tests that pyproject.toml asks it to list).
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -32,12 +35,17 @@ def cpu_name() -> str:
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log", default=None, help="write pytest's whole output here")
+    args = ap.parse_args()
     python = ROOT / ".venv" / "bin" / "python"
     if not python.is_file():
         raise SystemExit(f"{python} not found: create the virtual environment first (see the README)")
     t0 = time.perf_counter()
     proc = subprocess.run([str(python), "-m", "pytest", "-q"], cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    if args.log:
+        Path(args.log).write_text(proc.stdout + proc.stderr)
     lines = [line.strip("= ") for line in proc.stdout.splitlines() if line.strip()]
     summary = lines[-1] if lines else f"no output (exit status {proc.returncode})"
     result = dict(command=COMMAND, wall_seconds=seconds, target_seconds=TARGET_SECONDS, returncode=proc.returncode,
