@@ -172,7 +172,12 @@ class Estimator(eqx.Module):
         if fs is not None and not np.isclose(float(fs), self.manifest["fs"]):
             raise ValueError(f"erp sampled at fs={fs} Hz, but this estimator was trained at "
                              f"{self.manifest['fs']} Hz: resample it first")
-        x = np.asarray(erp, dtype=np.float32)
+        raw = np.asarray(erp)
+        if raw.dtype.kind not in "iuf":
+            raise TypeError(f"erp must be numbers (mV), got an array of dtype {raw.dtype} "
+                            f"({'strings' if raw.dtype.kind in 'US' else 'objects' if raw.dtype.kind == 'O' else raw.dtype.kind}): "
+                            "convert it with np.asarray(erp, dtype=float) after checking its contents")
+        x = raw.astype(np.float32)
         c = self.n_channels
         if c == 1 and x.ndim >= 1 and x.shape[-1] == self.n_times:
             x = x[..., None]

@@ -206,6 +206,16 @@ def test_predict_refuses_an_erp_made_with_another_protocol(trained, tmp_path):
         old.predict_array(erp, protocol=PROTOCOL.replace(fs=100.0))
 
 
+def test_predict_refuses_an_erp_that_is_not_numbers(trained):
+    """Strings that NumPy would silently parse as floats, and objects, are refused with the dtype named."""
+    est, ds, _ = trained
+    n = np.asarray(ds.erp[:1]).shape[1]
+    with pytest.raises(TypeError, match="erp must be numbers.*strings"):
+        est.predict(["1"] * n)
+    with pytest.raises(TypeError, match="erp must be numbers.*objects"):
+        est.predict_array(np.array([object()] * n))
+
+
 def test_sample_refuses_an_erp_made_with_another_protocol(trained):
     _, ds, _ = trained
     net = PosteriorNet(1, 2, encoder=dict(hidden=8), embed_dim=4, flow_layers=2, knots=4, nn_width=16,
