@@ -440,6 +440,22 @@ def time_to_accuracy_table(page: Path) -> str:
     return "\n".join(lines)
 
 
+def readme_posterior(page: Path) -> str:
+    """The README's compact posterior table: calibration and C2ST against the references."""
+    d = json.loads((RESULTS / "posterior.json").read_text())
+    ref = d.get("reference", {}).get("summary", {})
+    snrs = [s for s in ("30", "10") if s in d["snr"]]
+    lines = ["| posterior (10⁴ simulations) | " + " | ".join(f"{s} dB" for s in snrs) + " |",
+             "| --- |" + " --- |" * len(snrs),
+             "| jr_jax NPE: worst calibration error over 13 quantities | " + " | ".join(
+                 f"{max(r['calibration_error'] for r in d['snr'][s]['calibration']):.3f}" for s in snrs) + " |"]
+    for name in ("jr_jax NPE", "jr_jax NPE + likelihood", "sbi NPE"):
+        if all(name in ref.get(s, {}) for s in snrs):
+            lines.append(f"| C2ST against reference posteriors: {name} | " + " | ".join(
+                f"{ref[s][name]['c2st']:.2f}" for s in snrs) + " |")
+    return "\n".join(lines)
+
+
 def identifiability_table(page: Path) -> str:
     d = json.loads((RESULTS / "identifiability.json").read_text())
     labels = list(d["r2"])
@@ -456,7 +472,7 @@ TABLES = (("convergence-table", convergence_table), ("performance-table", perfor
           ("multichannel-table", multichannel_table), ("study-report", study_report),
           ("identifiability-table", identifiability_table), ("posterior-table", posterior_table),
           ("reference-table", reference_table), ("time-to-accuracy-table", time_to_accuracy_table),
-          ("readme-timing", readme_timing), ("readme-result", readme_result),
+          ("readme-timing", readme_timing), ("readme-posterior", readme_posterior), ("readme-result", readme_result),
           ("test-suite-timing", test_suite_timing))
 
 
