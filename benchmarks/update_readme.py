@@ -427,7 +427,7 @@ def time_to_accuracy_table(page: Path) -> str:
     d = json.loads(path.read_text())
     lines = ["| solver | dt (ms) | weak error of the mean ERP (median) | wall time (s) |", "| --- | --- | --- | --- |"]
     for r in d["rows"]:
-        lines.append(f"| {r['solver']} | {r['dt'] * 1e3:g} | {100 * r['error_median']:.3f} % | {r['seconds']:.2f} |")
+        lines.append(f"| {r['solver']} | {r['dt'] * 1e3:g} | {100 * r['error_median']:.2g} % | {r['seconds']:.2f} |")
     lines += ["", f"| at {100 * d['target']:g} % error | wall time (s) | speed-up over NumPy Euler–Maruyama |",
               "| --- | --- | --- |"]
     for solver, t in d["seconds_at_target"].items():
