@@ -394,6 +394,22 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     return np.exp(np.asarray(u, np.float64)), log_z, diag
 
 
+def ridge_direction(names, d: int | None = None) -> np.ndarray | None:
+    """The exact ridge (C, a_k) -> (lambda C, a_k / lambda) as a unit direction ``(1, d)`` in
+    log(theta) coordinates of ``names`` (+ for log C, - for each log a_k), or None when C or one of
+    a_1..a_4 is not among them (then C also scales a fixed a_k and there is no ridge). Coordinates
+    past ``len(names)`` (up to ``d``) get 0."""
+    names = list(names)
+    ks = [f"a_{k}" for k in range(1, 5)]
+    if "C" not in names or not all(k in names for k in ks):
+        return None
+    v = np.zeros((1, len(names) if d is None else d))
+    v[0, names.index("C")] = 1.0
+    for k in ks:
+        v[0, names.index(k)] = -1.0
+    return v / np.linalg.norm(v)
+
+
 @functools.lru_cache(maxsize=8)
 def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
     """One jitted step of adaptive tempered SMC, compiled once per (log_q, log_target) pair: with
@@ -424,7 +440,8 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
     return step
 
 
-def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None):
+def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None, ridge=None,
+                 ridge_scale: float = 0.3):
     """Adaptive tempered SMC (BlackJAX) from a tractable q(z) to a target in R^d:
     pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1 chosen to keep the ESS at half;
     random-walk Metropolis moves on the particles' covariance, scale adapted towards acceptance 0.23.
@@ -433,7 +450,10 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     :func:`particle_batched`); ``sample_q(key, n) -> (n, d)``. Returns equally weighted particles
     ``(n_particles, d)`` (resampled), the log-evidence estimate and diagnostics. With ``data``
     (a pytree, e.g. the observed ERP), ``log_q`` and ``log_target`` take ``(z, data)``: the same
-    module-level functions then compile once for every observation."""
+    module-level functions then compile once for every observation. ``ridge`` (``(k, d)``): directions
+    along which the target is known to be flat but for the prior (in log(theta), the exact
+    (C, a_k) -> (lambda C, a_k / lambda) line); the random-walk proposal gets ``ridge_scale^2 R^T R``
+    added to its covariance, so that particles started narrow along it still spread over it."""
     import blackjax
 
     step = _smc_step(log_q, log_target, mcmc_steps, data is not None)
@@ -447,7 +467,11 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
         z, w = state.particles, state.weights
         mean = jnp.sum(w[:, None] * z, axis=0)
         cov = (w[:, None] * (z - mean)).T @ (z - mean) + 1e-6 * jnp.eye(d)
-        chol = scale * jnp.linalg.cholesky(cov)
+        prop = scale**2 * cov
+        if ridge is not None:
+            r = jnp.asarray(ridge, cov.dtype).reshape(-1, d)
+            prop = prop + ridge_scale**2 * r.T @ r
+        chol = jnp.linalg.cholesky(prop)
         state, inc, a = step(k, state, chol, data)
         log_z += float(inc)
         acc.append(float(a))
