@@ -512,6 +512,13 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         ridge = ridge_direction(prior.names, d) if n_log else None
         w_smc, _, smc_diag = tempered_smc(log_q_fn, sample_q, particle_batched(log_post_w), k_smc, d, smc_particles,
                                           smc_mcmc_steps, 100, ridge=ridge)
+        if ridge is not None:
+            # Metropolis moves along the exact ridge: the likelihood does not change there, only the
+            # prior and the Jacobian do, so these moves are accepted where random-walk moves in every
+            # direction are not, and spread C and the a_k over what the prior allows
+            w_smc, smc_diag["ridge_acceptance"] = _ridge_moves(jax.jit(log_post_w), jnp.asarray(w_smc, jnp.float32),
+                                                              jnp.asarray(ridge[0], jnp.float32),
+                                                              jax.random.fold_in(k_smc, 1))
         z_smc = np.asarray(_z_from_w(jnp.asarray(w_smc, jnp.float32), lows, highs, n_log)[0], np.float64)
         smc_diag["coordinates"] = "log(theta), z for gain and latency" if n_log else "z"
         idx = np.asarray(jax.random.choice(k_res, z_smc.shape[0], (n_samples,), replace=z_smc.shape[0] < n_samples))
@@ -619,6 +626,23 @@ def _compiled(space: _Space, protocol: Protocol, max_steps: int):
     if max_steps not in comp["solve"]:
         comp["solve"][max_steps] = _solve_batch(comp["residuals"], max_steps)
     return dict(comp, solve=comp["solve"][max_steps])
+
+
+def _ridge_moves(log_post, w, direction, key, sweeps: int = 30, scale: float = 0.3):
+    """``sweeps`` Metropolis updates of every particle ``w (n, d)`` along ``direction`` (unit, in w),
+    steps N(0, scale^2): exact moves for ``log_post`` (batched). Returns the particles and the
+    mean acceptance."""
+    lp = log_post(w)
+    accepted = 0.0
+    for m in range(sweeps):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, m))
+        prop = w + scale * jax.random.normal(k1, (w.shape[0], 1)) * direction
+        lp_prop = log_post(prop)
+        take = jnp.log(jax.random.uniform(k2, lp.shape)) < lp_prop - lp
+        w = jnp.where(take[:, None], prop, w)
+        lp = jnp.where(take, lp_prop, lp)
+        accepted += float(jnp.mean(take))
+    return np.asarray(w, np.float64), accepted / sweeps
 
 
 def _w_from_z(z, lows, highs, n_log: int):

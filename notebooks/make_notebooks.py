@@ -356,8 +356,9 @@ plt.show()"""),
 
 Eight starts drawn from the prior, each with the gain that best scales its ERP onto the data,
 solved in one batch. The posterior comes from importance sampling on the Laplace approximation
-of the best optima, or, when its Pareto k̂ says that is unreliable, from tempered SMC started
-there. `result.table()` gives the MAP, the posterior mean, the 90 % interval and how much the data
+of the best optima, or, when its Pareto k̂ says that is unreliable, from tempered SMC (started
+from half that approximation and half the prior, with exact Metropolis moves along the C–a_k
+ridge at the end). `result.table()` gives the MAP, the posterior mean, the 90 % interval and how much the data
 contract the prior, for each parameter and for log(C·a_k)."""),
     ("code", """\
 result = jr_jax.fit(rec, key=jax.random.key(0), n_starts=8,
@@ -431,11 +432,12 @@ leaves is slow activity before and after the response that no input-driven singl
 A fit of several sources (DCM's several modes and columns) or a noise model with the baseline's
 spectrum would be the next step; the numbers above say how far this one gets.
 
-A caution on the intervals: (C, a_k) → (λC, a_k/λ) leaves every ERP unchanged, so the exact
-posterior of C and of each a_k alone must stretch along that ridge as far as the prior box
-allows. If the table shows C and a_k as tightly determined, the sampler (tempered SMC with
-random-walk moves, started from the Laplace approximation) has not explored the ridge: read
-those intervals as too narrow, and trust log(C·a_k), which the ridge leaves fixed."""),
+On the intervals: (C, a_k) → (λC, a_k/λ) leaves every ERP unchanged, so the exact posterior of C
+and of each a_k alone stretches along that ridge as far as the prior box allows, while log(C·a_k)
+stays fixed. The fit's last SMC moves run along the ridge (the likelihood is constant there), which
+is what spreads C and the a_k in the table. The random-walk moves in the other directions are
+rarely accepted on this recording (see `result.diagnostics['smc_acceptance_rate']`), so the
+intervals of the other parameters may be too narrow."""),
 ]
 
 NOTEBOOKS = {"gradient_sensitivity.ipynb": GRADIENT, "oat_sweeps.ipynb": OAT, "inference.ipynb": INFERENCE,
