@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jr_jax
+from jr_jax._summary import derived_quantities
 from jr_jax._likelihood import _gaussian_loglik, _log_prior, particle_batched, tempered_smc
 
 PRIOR = jr_jax.Prior(kind="normal")
@@ -44,10 +45,8 @@ PROTOCOL = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study(), n_trials=1)
 
 def derived(theta: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The parameters and log(C a_k), k = 1..4: ``(..., 13)`` and their names."""
-    names = list(PRIOR.names)
-    c = theta[..., names.index("C")]
-    extra = [np.log(c * theta[..., names.index(f"a_{k}")]) for k in range(1, 5)]
-    return np.concatenate([theta, np.stack(extra, axis=-1)], axis=-1), names + [f"log(C*a_{k})" for k in range(1, 5)]
+    extra, labels = derived_quantities(theta, PRIOR.names)
+    return np.concatenate([theta, extra], axis=-1), list(PRIOR.names) + labels
 
 
 def rhat(runs: np.ndarray) -> np.ndarray:

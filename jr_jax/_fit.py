@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._estimator import MisspecificationWarning
-from ._flow import from_unbounded, to_unbounded
-from ._likelihood import _systematic, effective_sample_size, particle_batched, psis, ridge_direction, tempered_smc
+from ._flow import from_unbounded, log_jacobian, log_to_unbounded, to_unbounded
+from ._likelihood import _log_prior, _systematic, effective_sample_size, particle_batched, psis, ridge_direction, tempered_smc
 from ._params import Prior
 from ._simulate import Protocol, simulate
 from ._solve import as_typed_key
@@ -481,17 +481,16 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # alone the moves are almost never accepted on real recordings (its Gauss-Newton covariance,
         # from float32 Jacobians over curvatures of many decades, is far from the target); from the
         # prior alone a few hundred particles can settle in a worse optimum.
-        prior_res = _prior_residuals(prior)
         k_par = len(prior.names)
-        # -rho(z)^2 / 2 = log(sigmoid(z) sigmoid(-z)) + 2 log 2: the prior density in z times 4 per coordinate,
-        # and for a normal prior times the truncated normal's density over the uniform one
-        prior_log_norm = d * math.log(4.0) + (0.0 if prior.kind != "normal" else float(
-            np.sum(np.log((prior.highs - prior.lows) / ((prior.highs - prior.lows) / 4 * math.sqrt(2 * math.pi)
-                                                        * math.erf(math.sqrt(2.0)))))))
+        extra_log_volume = float(np.sum(np.log(np.asarray(highs[k_par:]) - np.asarray(lows[k_par:]))))
+
+        def log_prior_z(z):  # the prior in z: the model's prior, uniform gain (in log|gain|) and latency
+            u = from_unbounded(z, lows, highs)
+            return _log_prior(prior, u[..., :k_par]) - extra_log_volume + log_jacobian(z, lows, highs)
 
         def log_q_fn(w):
             z, ldj, inside = _z_from_w(w[None], lows, highs, n_log)
-            lp = -0.5 * jnp.sum(prior_res(z, from_unbounded(z, lows, highs)) ** 2, axis=-1)[0] - prior_log_norm
+            lp = log_prior_z(z)[0]
             lt = _t_mixture_logpdf(z, centres, mchols, mix, jnp)[0]
             return jnp.where(inside[0], jnp.logaddexp(lp, lt) + math.log(0.5) + ldj[0], -jnp.inf)
 
@@ -653,15 +652,8 @@ def _w_from_z(z, lows, highs, n_log: int):
 
 def _z_from_w(w, lows, highs, n_log: int):
     """The inverse of :func:`_w_from_z`, with ``log |dz/dw|`` and whether w lies inside the box."""
-    lo, hi = lows[:n_log], highs[:n_log]
-    theta = jnp.exp(w[..., :n_log])
-    inside = jnp.all((theta > lo) & (theta < hi), axis=-1)
-    eps = 1e-6 * (hi - lo)
-    t = jnp.clip(theta, lo + eps, hi - eps)
-    z = jnp.concatenate([to_unbounded(t, lo, hi), w[..., n_log:]], axis=-1)
-    # dz/dtheta = (hi - lo) / ((theta - lo) (hi - theta)), dtheta/dw = theta
-    ldj = jnp.sum(w[..., :n_log] + jnp.log(hi - lo) - jnp.log(t - lo) - jnp.log(hi - t), axis=-1)
-    return z, ldj, inside
+    z, ldj, inside = log_to_unbounded(w[..., :n_log], lows[:n_log], highs[:n_log])
+    return jnp.concatenate([z, w[..., n_log:]], axis=-1), ldj, inside
 
 
 def _prior_residuals(prior: Prior):

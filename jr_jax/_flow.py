@@ -38,6 +38,22 @@ def log_jacobian(z: Float[Array, "... d"], lows, highs) -> Float[Array, "..."]:
     return jnp.sum(jnp.log(highs - lows) + jax.nn.log_sigmoid(z) + jax.nn.log_sigmoid(-z), axis=-1)
 
 
+def log_to_unbounded(u: Float[Array, "... d"], lows, highs):
+    """From ``u = log(theta)`` to ``z = logit`` of the prior box (every bound > 0): ``(z, log |dz/du|,
+    inside)``, the last saying whether theta lies in the open box (z is clipped to it otherwise).
+
+    ``dz/dtheta = (high - low) / ((theta - low) (high - theta))`` and ``dtheta/du = theta``. Samplers
+    that move in log(theta), where the ridge (C, a_k) -> (lambda C, a_k / lambda) is straight, carry a
+    density in z over with it.
+    """
+    theta = jnp.exp(u)
+    inside = jnp.all((theta > lows) & (theta < highs), axis=-1)
+    eps = 1e-6 * (highs - lows)
+    t = jnp.clip(theta, lows + eps, highs - eps)
+    ldj = jnp.sum(u + jnp.log(highs - lows) - jnp.log(t - lows) - jnp.log(highs - t), axis=-1)
+    return to_unbounded(t, lows, highs), ldj, inside
+
+
 class PosteriorNet(eqx.Module):
     """A Bi-LSTM embedding of the ERP conditioning a coupling flow with rational-quadratic spline
     transformers (a neural spline flow) over the unbounded parameters ``z`` (dimension ``n_out``).

@@ -362,7 +362,7 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     ridge (C, a_k) -> (lambda C, a_k / lambda) is a straight line, which random-walk moves on the
     particles' covariance follow. The NPE's density moves to u with its Jacobian."""
     from ._estimator import _embed_jit
-    from ._flow import to_unbounded
+    from ._flow import log_to_unbounded, to_unbounded
 
     lows, highs = jnp.asarray(prior.lows, jnp.float32), jnp.asarray(prior.highs, jnp.float32)
     if not bool(jnp.all(lows > 0)):
@@ -373,11 +373,7 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     loglik = batched_loglik_fn(prior, protocol, x, noise_sd, snr_db)
 
     def log_q(u):
-        theta = jnp.exp(u)
-        inside = jnp.all((theta > lows) & (theta < highs))
-        z = to_unbounded(jnp.clip(theta, lows + 1e-7 * (highs - lows), highs - 1e-7 * (highs - lows)), lows, highs)
-        # log |dz/du| = sum log(theta (high - low) / ((theta - low) (high - theta)))
-        log_dz_du = jnp.sum(u + jnp.log(highs - lows) - jnp.log(theta - lows) - jnp.log(highs - theta))
+        z, log_dz_du, inside = log_to_unbounded(u, lows, highs)
         return jnp.where(inside, net.log_prob_z(z[None], emb[None])[0] + log_dz_du, -jnp.inf)
 
     def log_target(u):
@@ -410,11 +406,9 @@ def ridge_direction(names, d: int | None = None) -> np.ndarray | None:
     return v / np.linalg.norm(v)
 
 
-@functools.lru_cache(maxsize=8)
 def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
-    """One jitted step of adaptive tempered SMC, compiled once per (log_q, log_target) pair: with
-    ``with_data`` both take ``(z, data)`` and the data are an argument, not a constant, so one
-    compilation serves every observation."""
+    """One jitted step of adaptive tempered SMC for (log_q, log_target); with ``with_data`` both take
+    ``(z, data)`` and the data are an argument, not a constant (see :func:`_cached_smc_step`)."""
     import blackjax
 
     add_step = blackjax.additive_step_random_walk.build_kernel()
@@ -440,6 +434,11 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
     return step
 
 
+#: with the data an argument, module-level (log_q, log_target) compile once for every observation;
+#: closures (which capture their data) are new on every call and are not kept
+_cached_smc_step = functools.lru_cache(maxsize=8)(_smc_step)
+
+
 def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None, ridge=None,
                  ridge_scale: float = 0.3):
     """Adaptive tempered SMC (BlackJAX) from a tractable q(z) to a target in R^d:
@@ -456,7 +455,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     added to its covariance, so that particles started narrow along it still spread over it."""
     import blackjax
 
-    step = _smc_step(log_q, log_target, mcmc_steps, data is not None)
+    step = (_cached_smc_step if data is not None else _smc_step)(log_q, log_target, mcmc_steps, data is not None)
     k0, key = jax.random.split(key)
     z0 = sample_q(k0, n_particles)
     state = blackjax.smc.tempered.init(z0)
