@@ -139,3 +139,33 @@ def test_sensitivity_writes_a_table_and_a_figure(tmp_path, capsys):
     assert main(["sensitivity", "--method", "oat", "--n", "8", "--out", str(out)]) == 2  # no silent overwrite
     assert main(["sensitivity", "--method", "sobol", "--n", "6", "--out", str(tmp_path / "x")]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+def test_cli_fits_the_shipped_recording(tmp_path, capsys):
+    """`jr-jax fit` on the shipped recording: a table with the checks, the figure, the draws; two
+    Levenberg-Marquardt steps cannot converge, and every start is reported so (the converged fit of
+    this recording runs in notebooks/real_erp.ipynb); an existing figure is not overwritten without
+    --force; bad channel and option errors are one line."""
+    from jr_jax.cli import main
+
+    from jr_jax.eeg import sample_recording
+
+    rec = sample_recording()
+    out, samples = tmp_path / "fit", tmp_path / "draws.npy"
+    args = ["fit", rec, "--condition", "Left Auditory", "--mode", "1", "--starts", "2", "--max-steps", "2",
+            "--draws", "200", "--smc-particles", "20", "--out", str(out), "--samples", str(samples)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "reduced chi2" in text and "latency" in text and "noise SD" in text
+    assert "0/2 starts converged" in text and "warning: none of the 2 starts converged" in text
+    figure = out / "Left_Auditory_mode_1.png"
+    assert figure.stat().st_size > 10_000
+    assert np.load(samples).shape == (200, 11)
+    assert main(args) == 2
+    assert "exist(s); pass --force" in capsys.readouterr().err
+    assert main(["fit", rec, "--condition", "Left Auditory", "--channel", "NOPE", "--out", str(out)]) == 2
+    assert "'NOPE' is not in the recording" in capsys.readouterr().err
+    assert main(["fit", rec, "--channel", "EEG 021", "--mode", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["fit", str(samples)]) == 2
+    assert "must be an MNE Evoked file" in capsys.readouterr().err

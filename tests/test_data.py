@@ -13,6 +13,9 @@ import pytest
 import jr_jax
 from jr_jax import DatasetError, Prior, Protocol, load_dataset, make_dataset
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("data")
+
 PROTOCOL = Protocol(burn_in=0.1, tmin=-0.05, tmax=0.15)
 N, CHUNK = 48, 8
 KEY = jax.random.key(5)

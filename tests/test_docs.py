@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("docs")
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # `::: module.attr` followed by its options block, of which we read `heading:`

@@ -10,6 +10,9 @@ import jr_jax
 import jr_jax.eeg as eeg
 from jr_jax.cli import main
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("eeg")
+
 MONTAGE_CHANNELS = ("F3", "FC3", "C3", "Fz", "FCz", "Cz", "Pz", "F4")
 PROTOCOL = jr_jax.Protocol(stimulus=jr_jax.Stimulus.study(), fs=250.0, tmin=-0.1, tmax=0.3, burn_in=0.3, n_trials=1)
 

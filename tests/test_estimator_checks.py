@@ -15,6 +15,9 @@ from jr_jax._estimator import prior_differences, protocol_differences
 from jr_jax._flow import PosteriorNet
 from jr_jax.cli import main
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("estimator_checks")
+
 PRIOR = jr_jax.Prior(names=("A_i", "b_i"))
 PROTOCOL = jr_jax.Protocol(tmin=-0.1, tmax=0.3, fs=200.0, burn_in=0.5, dt=1e-3, n_trials=1)
 

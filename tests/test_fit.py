@@ -13,6 +13,9 @@ import jr_jax
 from jr_jax import _fit
 from jr_jax.eeg import Recording, baseline_noise_sd, sample_recording, signal_from_evoked
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("fit")
+
 # the toy problem of the posterior tests: two parameters, 81 samples at 200 Hz, 1 ms Heun steps
 PRIOR = jr_jax.Prior(names=("A_i", "b_i"))
 PROTOCOL = jr_jax.Protocol(tmin=-0.1, tmax=0.3, fs=200.0, burn_in=0.5, dt=1e-3, n_trials=1)
@@ -240,31 +243,3 @@ def test_bad_input_is_named(evoked, observation):
     nan.data[nan.ch_names.index("EEG 021")] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         signal_from_evoked(nan, channel="EEG 021", reference=None)
-
-
-def test_cli_fits_the_shipped_recording(tmp_path, capsys):
-    """`jr-jax fit` on the shipped recording: a table with the checks, the figure, the draws; two
-    Levenberg-Marquardt steps cannot converge, and every start is reported so (the converged fit of
-    this recording runs in notebooks/real_erp.ipynb); an existing figure is not overwritten without
-    --force; bad channel and option errors are one line."""
-    from jr_jax.cli import main
-
-    rec = sample_recording()
-    out, samples = tmp_path / "fit", tmp_path / "draws.npy"
-    args = ["fit", rec, "--condition", "Left Auditory", "--mode", "1", "--starts", "2", "--max-steps", "2",
-            "--draws", "200", "--smc-particles", "100", "--out", str(out), "--samples", str(samples)]
-    assert main(args) == 0
-    text = capsys.readouterr().out
-    assert "reduced chi2" in text and "latency" in text and "noise SD" in text
-    assert "0/2 starts converged" in text and "warning: none of the 2 starts converged" in text
-    figure = out / "Left_Auditory_mode_1.png"
-    assert figure.stat().st_size > 10_000
-    assert np.load(samples).shape == (200, 11)
-    assert main(args) == 2
-    assert "exist(s); pass --force" in capsys.readouterr().err
-    assert main(["fit", rec, "--condition", "Left Auditory", "--channel", "NOPE", "--out", str(out)]) == 2
-    assert "'NOPE' is not in the recording" in capsys.readouterr().err
-    assert main(["fit", rec, "--channel", "EEG 021", "--mode", "1"]) == 2
-    assert "not both" in capsys.readouterr().err
-    assert main(["fit", str(samples)]) == 2
-    assert "must be an MNE Evoked file" in capsys.readouterr().err

@@ -278,6 +278,9 @@ import json, jax, numpy as np
 import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 from test_inference import _oscillators
 from jr_jax import TrainingData, train
+
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("inference")
 theta, erp = _oscillators(600)
 data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
 est, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)

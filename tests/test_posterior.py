@@ -13,6 +13,9 @@ import scipy.stats as st
 import jr_jax
 from jr_jax._flow import PosteriorNet, from_unbounded, log_jacobian, to_unbounded
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("posterior")
+
 # a two-parameter JR problem small enough for the tests: 81 samples at 200 Hz, 1 ms Heun steps
 PRIOR = jr_jax.Prior(names=("A_i", "b_i"))
 PROTOCOL = jr_jax.Protocol(tmin=-0.1, tmax=0.3, fs=200.0, burn_in=0.5, dt=1e-3, n_trials=1)

@@ -13,6 +13,9 @@ from jr_jax import cli
 from jr_jax._report import _compare_r
 from jr_jax._reproduce import PRESETS, STUDY_PEARSON, STUDY_SNR_DB, level_label
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("reproduce")
+
 SECTIONS = ["Main result", "Accuracy at every noise level", "What the ERP's amplitude means",
             "Posterior estimator: calibration", "The study's grid", "Sensitivity", "What differs from the study",
             "Steps and time"]
