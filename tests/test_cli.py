@@ -8,6 +8,7 @@ import numpy as np
 
 import jr_jax
 from jr_jax.cli import main
+from jr_jax.eeg import sample_recording
 
 # the installed console script (pip puts it beside the interpreter's other scripts)
 JR_JAX = str(Path(sysconfig.get_path("scripts")) / ("jr-jax.exe" if os.name == "nt" else "jr-jax"))
@@ -146,10 +147,6 @@ def test_cli_fits_the_shipped_recording(tmp_path, capsys):
     Levenberg-Marquardt steps cannot converge, and every start is reported so (the converged fit of
     this recording runs in notebooks/real_erp.ipynb); an existing figure is not overwritten without
     --force; bad channel and option errors are one line."""
-    from jr_jax.cli import main
-
-    from jr_jax.eeg import sample_recording
-
     rec = sample_recording()
     out, samples = tmp_path / "fit", tmp_path / "draws.npy"
     args = ["fit", rec, "--condition", "Left Auditory", "--mode", "1", "--starts", "2", "--max-steps", "2",

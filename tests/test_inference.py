@@ -9,6 +9,9 @@ import jr_jax
 from jr_jax import Estimator, TrainingData, parameter_metrics, train
 from jr_jax._metrics import Ridge
 
+# the module fixtures are built once: every test here runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("inference")
+
 
 def _oscillators(n, seed=0):
     """A damped oscillator exp(-t/tau) sin(2 pi f t) at 100 Hz for 1 s: f in [2, 10] Hz, tau in [0.3, 1] s."""
@@ -278,9 +281,6 @@ import json, jax, numpy as np
 import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 from test_inference import _oscillators
 from jr_jax import TrainingData, train
-
-# the module fixtures are built once: every test here runs on the same xdist worker
-pytestmark = pytest.mark.xdist_group("inference")
 theta, erp = _oscillators(600)
 data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
 est, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
