@@ -32,8 +32,12 @@ starts at <= 10 s per recording on a 2-core CPU; real, posterior predictive redu
 <= 1.5 and ESS >= 100 on each condition. Each is printed PASS or FAIL with the figure, or NOT
 MEASURED where its condition (an estimator) is absent.
 
-    python benchmarks/fit.py [--n 200] [--snrs 30 10] [--model DIR] [--n-starts 8]
+    python benchmarks/fit.py [--n 200] [--snrs 30 10] [--model DIR [--train N]] [--n-starts 8]
                              [--smc-particles 1000] [--no-real] [--note TEXT]
+
+``--train N`` with ``--model DIR`` trains that estimator first when DIR does not exist: N
+noise-free ERPs on the protocol from ``jr_jax.Prior()``, ``jr_jax.train(kind="posterior")`` (the reproduction's encoder) with
+fresh white noise at 0-40 dB per batch for ``--train-epochs`` epochs; its time is reported apart.
 
 Writes benchmarks/results/fit.json.
 """
@@ -211,6 +215,34 @@ def simulated(args, prior, protocol, estimator, fit_kw, key, checkpoint=lambda o
     return out
 
 
+def train_estimator(args, prior, protocol, key) -> dict:
+    """Train and save the posterior estimator of ``--model`` (module docstring); returns its record."""
+    import jr_jax
+    from jr_jax._reproduce import _ENCODER
+
+    t0 = time.perf_counter()
+    theta = np.asarray(prior.sample_array(key, args.train), np.float64)
+    erp = np.asarray(jr_jax.simulate(prior.to_params(theta), protocol), np.float32)
+    ok = np.all(np.isfinite(erp), axis=1)
+    t_sim = time.perf_counter() - t0
+    data = jr_jax.TrainingData.from_arrays(theta[ok], erp[ok], names=prior.names, units=prior.units,
+                                           lows=prior.lows, highs=prior.highs, fs=protocol.fs, tmin=protocol.tmin,
+                                           seed=args.seed)
+    data.prior, data.protocol = prior.to_dict(), protocol.to_dict()
+    print(f"training a posterior estimator on {int(ok.sum())} simulations ({t_sim:.0f} s to simulate), "
+          f"{args.train_epochs} epochs", flush=True)
+    t0 = time.perf_counter()
+    est, history = jr_jax.train(data, kind="posterior", snr_db=(0.0, 40.0), encoder=_ENCODER,
+                                epochs=args.train_epochs,
+                                patience=args.train_epochs, progress=False)
+    t_train = time.perf_counter() - t0
+    est.save(args.model)
+    print(f"  trained in {t_train:.0f} s, val loss {history[-1]['val_loss']:.3f}; saved to {args.model}", flush=True)
+    return dict(n_simulations=int(ok.sum()), invalid=int((~ok).sum()), epochs=args.train_epochs,
+                simulate_seconds=t_sim, train_seconds=t_train, val_loss=[h["val_loss"] for h in history],
+                snr_db=[0.0, 40.0])
+
+
 def real(args, fit_kw, key):
     import jax
 
@@ -245,6 +277,9 @@ def main():
     ap.add_argument("--n", type=int, default=FULL_N, help="simulated test ERPs per SNR (the same ERPs at each SNR)")
     ap.add_argument("--snrs", type=float, nargs="+", default=[30.0, 10.0], help="test SNRs (dB)")
     ap.add_argument("--model", default=None, help="a posterior estimator trained on the protocol (jr_jax.Estimator)")
+    ap.add_argument("--train", type=int, default=0,
+                    help="with --model DIR: train a posterior estimator on N simulations first if DIR does not exist")
+    ap.add_argument("--train-epochs", type=int, default=30)
     ap.add_argument("--fs", type=float, default=500.0)
     ap.add_argument("--tmin", type=float, default=-0.198)
     ap.add_argument("--tmax", type=float, default=0.498)
@@ -277,6 +312,11 @@ def main():
     same_grid = (rec_protocol.fs, rec_protocol.tmin, rec_protocol.tmax, rec_protocol.baseline) == \
         (protocol.fs, protocol.tmin, protocol.tmax, protocol.baseline)
     estimator = None
+    trained = None
+    if args.train and not args.model:
+        ap.error("--train needs --model DIR (where the trained estimator is saved)")
+    if args.train and not Path(args.model).exists():
+        trained = train_estimator(args, prior, protocol, jax.random.fold_in(jax.random.key(args.seed), 3))
     if args.model:
         estimator = jr_jax.Estimator.load(args.model)
         if estimator.kind != "posterior":
@@ -307,7 +347,7 @@ def main():
                      python=platform.python_version(), jax=jax.__version__, jax_backend=jax.default_backend(),
                      jr_jax=jr_jax.__version__, load_average_start=load_start),
         notes=notes, protocol=protocol.to_dict(), recording_protocol_same_grid=same_grid,
-        prior=prior.to_dict(), fit_options=fit_kw, estimator=args.model,
+        prior=prior.to_dict(), fit_options=fit_kw, estimator=args.model, estimator_training=trained,
     )
     if not same_grid:
         print(f"note: the simulated protocol differs from the recording's grid ({rec_protocol.fs:g} Hz, "
