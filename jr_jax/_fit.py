@@ -288,7 +288,7 @@ def _prior_sd(space: _Space, prior: Prior) -> np.ndarray:
 
 def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None, estimator=None,
         prior: Prior | None = None, gain="auto", latency="auto", key, n_starts: int = 8, n_samples: int = 1000,
-        n_proposal: int = 2000, max_steps: int = 100, level: float = 0.9, mode_tolerance: float = 3.0,
+        n_screen: int = 1000, n_proposal: int = 2000, max_steps: int = 100, level: float = 0.9, mode_tolerance: float = 3.0,
         khat_threshold: float = 0.7, smc_particles: int = 1000, smc_mcmc_steps: int = 10) -> FitResult:
     """Fit the model to one ERP and return its MAP, posterior draws and checks (module docstring).
 
@@ -305,7 +305,9 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
       :data:`RECORDING_LATENCY` for a Recording, ``None`` for an array;
     - ``estimator``: a posterior estimator trained on this protocol; its draws start the solver
       (otherwise prior draws do). An estimator trained on another protocol is refused;
-    - ``n_starts`` solves run in one batch (``max_steps`` Levenberg-Marquardt steps each);
+    - ``n_screen`` candidates (amortised or prior draws) are ranked by their log posterior in one
+      batch; the best half of ``n_starts`` and random others among the finite ones start
+      ``n_starts`` solves, run in one batch (``max_steps`` Levenberg-Marquardt steps each);
       ``n_proposal`` draws from the Laplace mixture are weighted by the exact posterior (PSIS);
       when k-hat > ``khat_threshold`` or the ESS < 100, tempered SMC (``smc_particles``) runs from
       the mixture instead. ``n_samples`` posterior draws come back.
@@ -343,7 +345,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         raise ValueError(f"noise_sd must be a finite number > 0 (mV), got {noise_sd!r}")
     noise_sd = float(noise_sd)
     for name, value, low in (("n_starts", n_starts, 1), ("n_samples", n_samples, 10), ("n_proposal", n_proposal, 100),
-                             ("max_steps", max_steps, 1), ("smc_particles", smc_particles, 10),
+                             ("n_screen", n_screen, 1), ("max_steps", max_steps, 1), ("smc_particles", smc_particles, 10),
                              ("smc_mcmc_steps", smc_mcmc_steps, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -393,18 +395,33 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     sd_j = jnp.asarray(noise_sd, jnp.float32)
     k_start, k_prop, k_res, k_smc = jax.random.split(key, 4)
 
-    # --- starts: amortised or prior draws of theta; latency stratified; gain by projection -------
+    # --- starts: screened amortised or prior draws of theta; latency stratified; gain by projection
+    n_cand = max(n_screen, n_starts)
     if estimator is not None:
         x_est = x / space.fixed_gain if space.gain is None else x * _typical_rms(space, model) / np.sqrt(np.mean(x**2))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MisspecificationWarning)
-            theta0 = np.asarray(estimator.sample(x_est.astype(np.float32), n_starts, key=k_start), np.float64)
+            theta_c = np.asarray(estimator.sample(x_est.astype(np.float32), n_cand, key=k_start), np.float64)
     else:
-        theta0 = np.asarray(prior.sample_array(k_start, n_starts), np.float64)
-    lat0 = None
+        theta_c = np.asarray(prior.sample_array(k_start, n_cand), np.float64)
+    lat_c = None
     if space.latency:
-        lat0 = space.latency[0] + (np.arange(n_starts) + 0.5) / n_starts * (space.latency[1] - space.latency[0])
-    z0, sign = _starts(space, comp, x, theta0, lat0)
+        lat_c = space.latency[0] + (np.arange(n_cand) + 0.5) / n_cand * (space.latency[1] - space.latency[0])
+    t_screen = time.perf_counter()
+    z_c, sign_c = _starts(space, comp, x, theta_c, lat_c)
+    lp_c = _eval_log_post(comp["log_post_jit"], z_c, sign_c, xj, sd_j)
+    # the best candidates find the main optimum in few steps; random others keep the search for
+    # other modes (the starts' disagreement is reported)
+    ranked = np.argsort(np.where(np.isfinite(lp_c), -lp_c, np.inf), kind="stable")
+    n_best = (n_starts + 1) // 2
+    rest = ranked[n_best:]
+    finite_rest = rest[np.isfinite(lp_c[rest])]
+    others = np.asarray(jax.random.permutation(jax.random.fold_in(k_start, 99), finite_rest))[:n_starts - n_best]
+    chosen = np.concatenate([ranked[:n_best], others, rest[~np.isin(rest, others)]])[:n_starts]
+    theta0, sign = theta_c[chosen], sign_c[chosen]
+    lat0 = None if lat_c is None else lat_c[chosen]
+    z0 = z_c[chosen]
+    screen_s = time.perf_counter() - t_screen
     for attempt in range(5):  # a start whose trajectory diverges is replaced by a fresh prior draw
         bad = ~np.isfinite(_eval_log_post(comp["log_post_jit"], z0, sign, xj, sd_j))
         if not bad.any():
@@ -460,7 +477,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     lp = _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j)
     lw, k_hat = psis(lp - log_q)
     ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
-    diag = dict(solve_s=solve_s, n_proposal=n_proposal, importance_pareto_k=k_hat, importance_ess=ess)
+    diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, n_proposal=n_proposal, importance_pareto_k=k_hat, importance_ess=ess)
     if k_hat <= khat_threshold and ess >= 100:
         idx = _systematic(k_res, lw, n_samples)
         z_post, s_post, sampler = z_prop[idx], s_prop[idx], "laplace-importance"
@@ -474,25 +491,15 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # SMC moves in w: log(theta) for the model's parameters (every prior bound is positive), z for
         # the gain and latency. In log(theta) the exact ridge (C, a_k) -> (lambda C, a_k / lambda) is a
         # straight line, which random-walk moves on the particles' covariance follow; in z it is curved.
-        n_log = len(prior.names) if bool(np.all(np.asarray(prior.lows) > 0)) else 0
-
         # Tempering starts from a defensive mixture: half the Laplace t mixture (the optima the starts
         # found), half the prior (every direction, the ridge included). From the Laplace mixture
         # alone the moves are almost never accepted on real recordings (its Gauss-Newton covariance,
         # from float32 Jacobians over curvatures of many decades, is far from the target); from the
         # prior alone a few hundred particles can settle in a worse optimum.
-        k_par = len(prior.names)
-        extra_log_volume = float(np.sum(np.log(np.asarray(highs[k_par:]) - np.asarray(lows[k_par:]))))
-
-        def log_prior_z(z):  # the prior in z: the model's prior, uniform gain (in log|gain|) and latency
-            u = from_unbounded(z, lows, highs)
-            return _log_prior(prior, u[..., :k_par]) - extra_log_volume + log_jacobian(z, lows, highs)
-
-        def log_q_fn(w):
-            z, ldj, inside = _z_from_w(w[None], lows, highs, n_log)
-            lp = log_prior_z(z)[0]
-            lt = _t_mixture_logpdf(z, centres, mchols, mix, jnp)[0]
-            return jnp.where(inside[0], jnp.logaddexp(lp, lt) + math.log(0.5) + ldj[0], -jnp.inf)
+        smc = comp["smc"]
+        n_log, k_par = smc["n_log"], len(prior.names)
+        smc_data = dict(x=xj, noise_sd=sd_j, sign=jnp.float32(s_fixed),
+                        **_t_mixture_arrays(centres, mchols, mix, n_components=max(n_starts, len(mix))))
 
         def sample_q(k, n):
             k1, k2, k3 = jax.random.split(k, 3)
@@ -503,21 +510,24 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             z_lap = jnp.asarray(_t_mixture_sample(k3, centres, mchols, mix, n - n_prior)[0], jnp.float32)
             return _w_from_z(jnp.concatenate([z_prior, z_lap]), lows, highs, n_log)
 
-        def log_post_w(wb):
-            z, ldj, inside = _z_from_w(wb, lows, highs, n_log)
-            lp = comp["log_post"](z, jnp.full(wb.shape[0], s_fixed, jnp.float32), xj, sd_j)
-            return jnp.where(inside, lp + ldj, -jnp.inf)
-
         ridge = ridge_direction(prior.names, d) if n_log else None
-        w_smc, _, smc_diag = tempered_smc(log_q_fn, sample_q, particle_batched(log_post_w), k_smc, d, smc_particles,
-                                          smc_mcmc_steps, 100, ridge=ridge)
+        w_smc, _, smc_diag = tempered_smc(smc["log_q"], sample_q, smc["log_target"], k_smc, d, smc_particles,
+                                          smc_mcmc_steps, 100, data=smc_data, ridge=ridge)
+        # then 2 x smc_mcmc_steps sweeps at the posterior on the particles' covariance: the last
+        # tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP at 10 dB) after which the
+        # kernel's few moves leave duplicated particles and a too narrow spread
+        post_jit = lambda wb: smc["log_post"](wb, smc_data)  # noqa: E731
+        w_smc = jnp.asarray(w_smc, jnp.float32)
+        cov = np.cov(np.asarray(w_smc, np.float64), rowvar=False).reshape(d, d) + 1e-8 * np.eye(d)
+        w_smc, smc_diag["final_acceptance"] = _metropolis_moves(
+            post_jit, w_smc, jnp.asarray(2.38 / math.sqrt(d) * np.linalg.cholesky(cov), jnp.float32),
+            jax.random.fold_in(k_smc, 2), 2 * smc_mcmc_steps, adapt=True)
         if ridge is not None:
             # Metropolis moves along the exact ridge: the likelihood does not change there, only the
             # prior and the Jacobian do, so these moves are accepted where random-walk moves in every
             # direction are not, and spread C and the a_k over what the prior allows
-            w_smc, smc_diag["ridge_acceptance"] = _ridge_moves(jax.jit(log_post_w), jnp.asarray(w_smc, jnp.float32),
-                                                              jnp.asarray(ridge[0], jnp.float32),
-                                                              jax.random.fold_in(k_smc, 1))
+            w_smc, smc_diag["ridge_acceptance"] = _metropolis_moves(
+                post_jit, w_smc, jnp.asarray(0.3 * ridge[0][:, None], jnp.float32), jax.random.fold_in(k_smc, 1), 30)
         z_smc = np.asarray(_z_from_w(jnp.asarray(w_smc, jnp.float32), lows, highs, n_log)[0], np.float64)
         smc_diag["coordinates"] = "log(theta), z for gain and latency" if n_log else "z"
         idx = np.asarray(jax.random.choice(k_res, z_smc.shape[0], (n_samples,), replace=z_smc.shape[0] < n_samples))
@@ -621,27 +631,64 @@ def _compiled(space: _Space, protocol: Protocol, max_steps: int):
                                                                     jax.jacfwd(residuals)(z, s, x, sd)),
                                                in_axes=(0, 0, None, None))),
             model_jit=jax.jit(lambda u, s: model(u, s)), prior_sd_derived=_prior_sd_derived(space.prior))
+        _COMPILED[key]["smc"] = _smc_functions(space, log_post, lows, highs)
     comp = _COMPILED[key]
     if max_steps not in comp["solve"]:
         comp["solve"][max_steps] = _solve_batch(comp["residuals"], max_steps)
     return dict(comp, solve=comp["solve"][max_steps])
 
 
-def _ridge_moves(log_post, w, direction, key, sweeps: int = 30, scale: float = 0.3):
-    """``sweeps`` Metropolis updates of every particle ``w (n, d)`` along ``direction`` (unit, in w),
-    steps N(0, scale^2): exact moves for ``log_post`` (batched). Returns the particles and the
-    mean acceptance."""
+def _smc_functions(space: _Space, log_post, lows, highs) -> dict:
+    """The SMC's densities in w (:func:`_w_from_z`) for one fit structure, with the observation and
+    the Laplace mixture an argument ``data`` (``x``, ``noise_sd``, ``sign`` and
+    :func:`_t_mixture_arrays`), not a constant: the same functions, kept in :data:`_COMPILED`, let
+    :func:`jr_jax._likelihood.tempered_smc` compile its step once for every later fit.
+
+    ``log_q(w (d,), data)``: the defensive proposal, half prior, half Laplace t mixture;
+    ``log_target(w (d,), data)``: the log posterior (:func:`particle_batched`);
+    ``log_post(w (B, d), data) -> (B,)``: the same, batched and jitted."""
+    prior = space.prior
+    k_par = len(prior.names)
+    n_log = k_par if bool(np.all(np.asarray(prior.lows) > 0)) else 0
+    extra_log_volume = float(np.sum(np.log(np.asarray(highs[k_par:]) - np.asarray(lows[k_par:]))))
+
+    def log_prior_z(z):  # the prior in z: the model's prior, uniform gain (in log|gain|) and latency
+        u = from_unbounded(z, lows, highs)
+        return _log_prior(prior, u[..., :k_par]) - extra_log_volume + log_jacobian(z, lows, highs)
+
+    def log_q(w, data):
+        z, ldj, inside = _z_from_w(w[None], lows, highs, n_log)
+        lp = log_prior_z(z)[0]
+        lt = _t_mixture_logpdf_arrays(z, data)[0]
+        return jnp.where(inside[0], jnp.logaddexp(lp, lt) + math.log(0.5) + ldj[0], -jnp.inf)
+
+    def log_post_w(wb, data):
+        z, ldj, inside = _z_from_w(wb, lows, highs, n_log)
+        lp = log_post(z, jnp.broadcast_to(data["sign"], wb.shape[:1]), data["x"], data["noise_sd"])
+        return jnp.where(inside, lp + ldj, -jnp.inf)
+
+    return dict(n_log=n_log, log_q=log_q, log_target=particle_batched(log_post_w), log_post=jax.jit(log_post_w))
+
+
+def _metropolis_moves(log_post, w, factor, key, sweeps: int, adapt: bool = False):
+    """``sweeps`` random-walk Metropolis updates of every particle ``w (n, d)``, steps
+    ``factor (d, k) @ N(0, I_k)``: exact moves for ``log_post`` (batched, ``(n, d) -> (n,)``). With
+    ``adapt`` the step's scale follows the population's acceptance towards 0.234 between sweeps.
+    Returns the particles and the mean acceptance."""
     lp = log_post(w)
-    accepted = 0.0
+    accepted, scale = 0.0, 1.0
     for m in range(sweeps):
         k1, k2 = jax.random.split(jax.random.fold_in(key, m))
-        prop = w + scale * jax.random.normal(k1, (w.shape[0], 1)) * direction
+        prop = w + scale * jax.random.normal(k1, (w.shape[0], factor.shape[1])) @ factor.T
         lp_prop = log_post(prop)
         take = jnp.log(jax.random.uniform(k2, lp.shape)) < lp_prop - lp
         w = jnp.where(take[:, None], prop, w)
         lp = jnp.where(take, lp_prop, lp)
-        accepted += float(jnp.mean(take))
-    return np.asarray(w, np.float64), accepted / sweeps
+        rate = float(jnp.mean(take))
+        accepted += rate
+        if adapt:
+            scale = float(np.clip(scale * math.exp(2.0 * (rate - 0.234)), 0.05, 3.0))
+    return w, accepted / sweeps
 
 
 def _w_from_z(z, lows, highs, n_log: int):
@@ -747,6 +794,33 @@ def _t_mixture_logpdf(z, centres, chols, weights, xp=np):
     if xp is np:
         return np.logaddexp.reduce(np.stack(parts), axis=0)
     return jax.scipy.special.logsumexp(jnp.stack(parts), axis=0)
+
+
+def _t_mixture_arrays(centres, chols, weights, n_components: int) -> dict:
+    """The t mixture as arrays for :func:`_t_mixture_logpdf_arrays`, padded to ``n_components``
+    components of weight 0, so that the arrays' shapes do not depend on how many modes a fit found:
+    ``centres (K, d)``, ``inv_chols (K, d, d)`` (float64 inverses, given in float32) and ``log_const (K,)``."""
+    k, d = centres.shape
+    inv = np.zeros((n_components, d, d))
+    inv[:] = np.eye(d)
+    inv[:k] = np.linalg.inv(chols)
+    c = np.zeros((n_components, d))
+    c[:k] = centres
+    nu = _T_DF
+    const = math.lgamma((nu + d) / 2) - math.lgamma(nu / 2) - 0.5 * d * math.log(nu * math.pi)
+    log_const = np.full(n_components, -np.inf)
+    log_const[:k] = (np.log(weights) + const - np.sum(np.log(np.diagonal(chols, axis1=1, axis2=2)), axis=1))
+    return dict(centres=jnp.asarray(c, jnp.float32), inv_chols=jnp.asarray(inv, jnp.float32),
+                log_const=jnp.asarray(log_const, jnp.float32))
+
+
+def _t_mixture_logpdf_arrays(z, data):
+    """:func:`_t_mixture_logpdf` in jax.numpy from :func:`_t_mixture_arrays`: ``z (n, d) -> (n,)``."""
+    d = z.shape[-1]
+    sol = jnp.einsum("kij,nkj->nki", data["inv_chols"], z[:, None, :] - data["centres"][None])
+    maha = jnp.sum(sol**2, axis=-1)
+    parts = data["log_const"][None] - 0.5 * (_T_DF + d) * jnp.log1p(maha / _T_DF)
+    return jax.scipy.special.logsumexp(parts, axis=1)
 
 
 def _batched_log_post(space, model, lows, highs):

@@ -1,10 +1,37 @@
 """Shared test helpers: an independent NumPy/SciPy reference of the JR model (DESIGN §2)."""
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
 import jr_jax
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for this run, shared by the xdist workers and by the
+    subprocesses the tests start (the CLI, the notebooks' kernels), so that a program compiled in one
+    process is loaded, not compiled again, in another. The cache is a fresh temporary folder, removed
+    at the end: nothing is carried between runs."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not hasattr(config, "workerinput"):
+        cache = tempfile.mkdtemp(prefix="jr_jax_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        config._jr_jax_cache = cache
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_jr_jax_cache", None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+        del os.environ["JAX_COMPILATION_CACHE_DIR"]
+
 
 # Parameter sets: defaults, the study's range corners, and a mixed point.
 LOW = {n: jr_jax.PARAMETER_INFO[n][2][0] for n in jr_jax.STUDY_PARAMETERS}
