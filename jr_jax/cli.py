@@ -350,7 +350,7 @@ def _fit(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", MisspecificationWarning)
             warnings.simplefilter("always", RuntimeWarning)
             result = fit(rec, noise_sd=args.noise_sd, estimator=estimator, key=jax.random.key(args.seed),
-                         n_starts=args.starts, n_samples=args.draws, level=args.level, max_steps=args.max_steps,
+                         n_screen=args.screen, n_starts=args.starts, n_samples=args.draws, level=args.level, max_steps=args.max_steps,
                          smc_particles=args.smc_particles)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -598,6 +598,8 @@ def _parser() -> argparse.ArgumentParser:
                    "of the pre-stimulus baseline)")
     g.add_argument("--reference", choices=["average", "none"], default="average",
                    help="re-reference to the average of the good EEG channels, or keep the file's")
+    g.add_argument("--screen", type=int, default=1000, help="candidate starts (estimator or prior draws) ranked by "
+                   "their log posterior in one batch; the best half of --starts and random others are solved")
     g.add_argument("--starts", type=int, default=8, help="Levenberg-Marquardt starts, solved in one batch")
     g.add_argument("--max-steps", type=int, default=100, help="most Levenberg-Marquardt steps per start (a start "
                    "that does not converge within them is reported as not converged)")

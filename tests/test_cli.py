@@ -149,7 +149,7 @@ def test_cli_fits_the_shipped_recording(tmp_path, capsys):
     --force; bad channel and option errors are one line."""
     rec = sample_recording()
     out, samples = tmp_path / "fit", tmp_path / "draws.npy"
-    args = ["fit", rec, "--condition", "Left Auditory", "--mode", "1", "--starts", "2", "--max-steps", "2",
+    args = ["fit", rec, "--condition", "Left Auditory", "--mode", "1", "--screen", "2", "--starts", "2", "--max-steps", "2",
             "--draws", "200", "--smc-particles", "20", "--out", str(out), "--samples", str(samples)]
     assert main(args) == 0
     text = capsys.readouterr().out
