@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import expit as scipy_expit
 
 from ._estimator import MisspecificationWarning
 from ._flow import from_unbounded, log_jacobian, log_to_unbounded, to_unbounded
@@ -471,10 +472,37 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     mix = np.exp(log_ev - log_ev.max())
     mix /= mix.sum()
     mchols = np.linalg.cholesky(mcovs)
-    z_prop, which = _t_mixture_sample(k_prop, centres, mchols, mix, n_proposal)
-    log_q = _t_mixture_logpdf(z_prop, centres, mchols, mix)
-    s_prop = msign[which]
-    lp = _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j)
+    n_log = comp["smc"]["n_log"]
+    ridge = ridge_direction(prior.names, d) if n_log else None
+    if ridge is None:
+        z_prop, which = _t_mixture_sample(k_prop, centres, mchols, mix, n_proposal)
+        s_prop = msign[which]
+        same = s_prop[:, None] == msign[None, :]  # a draw's density: the components of its gain's sign
+        q_parts = _t_mixture_logpdf(z_prop, centres, mchols, mix, per_component=True)
+        log_q = np.logaddexp.reduce(np.where(same, q_parts, -np.inf), axis=1)
+        lp = _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j)
+    else:
+        # in w = log(theta) the ridge is straight: _RIDGE_SHARE of the draws follow it over the
+        # prior's extent (:func:`_ridge_laplace_mixture`), the rest come from the t mixture in z
+        rmix = _ridge_laplace_mixture(space, centres, np.stack([jac[m["index"]] for m in modes]), len(x), n_log,
+                                      ridge[0], mix)
+        n_ridge = int(round(_RIDGE_SHARE * n_proposal))
+        k_ridge, k_t = jax.random.split(k_prop)
+        w_ridge, which_ridge = _ridge_mixture_sample(k_ridge, rmix, n_ridge)
+        z_t, which_t = _t_mixture_sample(k_t, centres, mchols, mix, n_proposal - n_ridge)
+        u_t = space.lows + (space.highs - space.lows) * scipy_expit(z_t)
+        w_t = np.concatenate([np.log(u_t[:, :n_log]), z_t[:, n_log:]], axis=1)
+        w_prop = np.concatenate([w_ridge, w_t])
+        which = np.concatenate([which_ridge, which_t])
+        s_prop = msign[which]
+        z_prop, ldj, inside = _w_z_float64(w_prop, space.lows, space.highs, n_log)
+        z_prop = np.where(inside[:, None], z_prop, 0.0)
+        same = s_prop[:, None] == msign[None, :]
+        q_ridge = np.where(same, _ridge_mixture_logpdf(w_prop, rmix, per_component=True), -np.inf)
+        q_t = np.where(same, _t_mixture_logpdf(z_prop, centres, mchols, mix, per_component=True), -np.inf)
+        log_q = np.logaddexp(math.log(_RIDGE_SHARE) + np.logaddexp.reduce(q_ridge, axis=1),
+                             math.log(1 - _RIDGE_SHARE) + np.logaddexp.reduce(q_t, axis=1) + np.where(inside, ldj, 0.0))
+        lp = np.where(inside, _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j) + ldj, -np.inf)
     lw, k_hat = psis(lp - log_q)
     ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
     diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, n_proposal=n_proposal, importance_pareto_k=k_hat, importance_ess=ess)
@@ -691,6 +719,19 @@ def _metropolis_moves(log_post, w, factor, key, sweeps: int, adapt: bool = False
     return w, accepted / sweeps
 
 
+def _w_z_float64(w, lows, highs, n_log: int):
+    """:func:`_z_from_w` in float64 numpy: ``(z, log |dz/dw|, inside)`` for ``w (n, d)`` (z is NaN
+    and the log-determinant -inf outside the box)."""
+    lo, hi = np.asarray(lows, np.float64)[:n_log], np.asarray(highs, np.float64)[:n_log]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        theta = np.exp(w[:, :n_log])
+        inside = np.all((theta > lo) & (theta < hi), axis=1) & np.all(np.isfinite(w), axis=1)
+        z = np.concatenate([np.log(theta - lo) - np.log(hi - theta), w[:, n_log:]], axis=1)
+        ldj = np.sum(w[:, :n_log] + np.log(hi - lo) - np.log(theta - lo) - np.log(hi - theta), axis=1)
+    z[~inside] = np.nan
+    return z, np.where(inside, ldj, -np.inf), inside
+
+
 def _w_from_z(z, lows, highs, n_log: int):
     """SMC coordinates from fit coordinates: log(theta) for the first ``n_log``, z for the rest."""
     u = from_unbounded(z, lows, highs)
@@ -763,6 +804,8 @@ def _chi2_quantile(d: int, p: float) -> float:
     return float(chi2.ppf(p, d))
 
 
+_RIDGE_SHARE = 0.8  # of the importance draws from the ridge-shaped mixture in log(theta) (when there is a ridge)
+
 _T_DF = 5.0  # Student-t proposal: heavier tails than the Laplace Gaussian, for stable weights
 
 
@@ -778,9 +821,10 @@ def _t_mixture_sample(key, centres, chols, weights, n):
     return z, which
 
 
-def _t_mixture_logpdf(z, centres, chols, weights, xp=np):
+def _t_mixture_logpdf(z, centres, chols, weights, xp=np, per_component: bool = False):
     """Log density of the t mixture at ``z (n, d)``; ``xp``: numpy, or jax.numpy under tracing
-    (the factors come in float64 from the host: no factorisation in float32)."""
+    (the factors come in float64 from the host: no factorisation in float32); ``(n, K)``, each
+    weighted component's, with ``per_component`` (numpy)."""
     d = centres.shape[1]
     nu = _T_DF
     const = math.lgamma((nu + d) / 2) - math.lgamma(nu / 2) - 0.5 * d * math.log(nu * math.pi)
@@ -792,7 +836,7 @@ def _t_mixture_logpdf(z, centres, chols, weights, xp=np):
         maha = xp.sum(sol**2, axis=-1)
         parts.append(math.log(w) + const - 0.5 * logdet - 0.5 * (nu + d) * xp.log1p(maha / nu))
     if xp is np:
-        return np.logaddexp.reduce(np.stack(parts), axis=0)
+        return np.stack(parts, axis=1) if per_component else np.logaddexp.reduce(np.stack(parts), axis=0)
     return jax.scipy.special.logsumexp(jnp.stack(parts), axis=0)
 
 
@@ -821,6 +865,111 @@ def _t_mixture_logpdf_arrays(z, data):
     maha = jnp.sum(sol**2, axis=-1)
     parts = data["log_const"][None] - 0.5 * (_T_DF + d) * jnp.log1p(maha / _T_DF)
     return jax.scipy.special.logsumexp(parts, axis=1)
+
+
+def _ridge_laplace_mixture(space: _Space, z_modes, jacs, n_times: int, n_log: int, ridge, weights_z):
+    """A proposal in w (:func:`_w_from_z`) shaped like the posterior along the exact ridge, one
+    component per mode (``z_modes (M, d)``, residual Jacobians ``jacs (M, R, d)`` in z):
+
+    - across the ridge (the ``d - 1`` directions orthogonal to the unit ``ridge (d,)``), a Student-t
+      on the Gauss-Newton precision in w of the data's residuals (the prior's residuals for the
+      coordinates left in z), plus the precision of a Gaussian of the prior's SD in each coordinate,
+      which bounds the sloppy directions to the prior's extent;
+    - along it, where the likelihood is constant, the prior's own law: in log(theta) a uniform prior
+      in theta has density exp(sum w), i.e. exp(beta t) with ``beta = sum(ridge)`` along
+      ``w_c + t ridge``, on the segment inside the box (widened by 10 % at each end, since the box's
+      ends move with the other coordinates), mixed 9:1 with a normal of the segment's length (tails).
+
+    Returns a dict of float64 arrays for :func:`_ridge_mixture_sample` and
+    :func:`_ridge_mixture_logpdf`."""
+    from scipy.linalg import null_space
+
+    lows, highs = space.lows, space.highs
+    k_par = len(space.prior.names)
+    d = len(lows)
+    r = np.asarray(ridge, np.float64).reshape(d)
+    basis = null_space(r[None])  # (d, d - 1), orthonormal, orthogonal to the ridge
+    log_lo, log_hi = np.log(lows[:n_log]), np.log(highs[:n_log])
+    prior_var = np.concatenate([((log_hi - log_lo) ** 2) / 12.0, np.full(d - n_log, math.pi**2 / 3)])
+    rows = np.concatenate([np.arange(n_times), n_times + np.arange(n_log, d),
+                           n_times + d + np.arange(k_par if space.prior.kind == "normal" else 0)])
+    centres, chols, segments = [], [], []
+    for z_c, jac in zip(z_modes, jacs):
+        u = lows + (highs - lows) / (1.0 + np.exp(-z_c))
+        w_c = np.concatenate([np.log(u[:n_log]), z_c[n_log:]])
+        theta = u[:n_log]
+        dz_dw = np.ones(d)
+        dz_dw[:n_log] = theta * (highs[:n_log] - lows[:n_log]) / ((theta - lows[:n_log]) * (highs[:n_log] - theta))
+        jw = jac[rows] * dz_dw[None]
+        prec = basis.T @ (jw.T @ jw + np.diag(1.0 / prior_var)) @ basis
+        ev, vec = np.linalg.eigh(0.5 * (prec + prec.T))
+        ev = np.maximum(ev, 1e-12 * ev.max())
+        chols.append(np.linalg.cholesky((vec / ev) @ vec.T))
+        nz = np.abs(r[:n_log]) > 0
+        a = (log_lo[nz] - w_c[:n_log][nz]) / r[:n_log][nz]
+        b = (log_hi[nz] - w_c[:n_log][nz]) / r[:n_log][nz]
+        t_lo, t_hi = float(np.max(np.minimum(a, b))), float(np.min(np.maximum(a, b)))
+        pad = 0.1 * max(t_hi - t_lo, 1e-6)
+        segments.append((t_lo - pad, t_hi + pad))
+        centres.append(w_c)
+    return dict(centres=np.stack(centres), chols=np.stack(chols), segments=np.asarray(segments), basis=basis,
+                ridge=r, beta=float(np.sum(r[:n_log])), weights=np.asarray(weights_z, np.float64))
+
+
+def _ridge_t_logpdf(t, seg, beta):
+    """Log density along the ridge: 0.9 truncated exp(beta t) on ``seg`` + 0.1 normal of the segment."""
+    lo, hi = seg
+    if abs(beta) * (hi - lo) < 1e-8:
+        log_norm = math.log(hi - lo)
+    elif beta > 0:
+        log_norm = beta * hi + math.log(-math.expm1(-beta * (hi - lo))) - math.log(beta)
+    else:
+        log_norm = beta * lo + math.log(-math.expm1(beta * (hi - lo))) - math.log(-beta)
+    inside = (t >= lo) & (t <= hi)
+    with np.errstate(divide="ignore"):
+        trunc = np.where(inside, beta * t - log_norm, -np.inf)
+    mid, sd = 0.5 * (lo + hi), hi - lo
+    normal = -0.5 * ((t - mid) / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi))
+    return np.logaddexp(math.log(0.9) + trunc, math.log(0.1) + normal)
+
+
+def _ridge_mixture_sample(key, mix: dict, n: int):
+    """``n`` draws ``(n, d)`` in w from :func:`_ridge_laplace_mixture`, and their components."""
+    k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
+    weights = mix["weights"]
+    which = np.asarray(jax.random.choice(k1, len(weights), (n,), p=jnp.asarray(weights)))
+    dm = mix["basis"].shape[1]
+    eps = np.asarray(jax.random.normal(k2, (n, dm)), np.float64)
+    g = np.asarray(jax.random.gamma(k3, _T_DF / 2, (n,)), np.float64) / (_T_DF / 2)
+    perp = np.einsum("nij,nj->ni", mix["chols"][which], eps) / np.sqrt(g)[:, None]
+    lo, hi = mix["segments"][which, 0], mix["segments"][which, 1]
+    beta = mix["beta"]
+    v = np.asarray(jax.random.uniform(k4, (n,)), np.float64)
+    if abs(beta) < 1e-8:
+        t = lo + v * (hi - lo)
+    else:  # inverse CDF of exp(beta t) on [lo, hi]
+        t = lo + np.log1p(v * np.expm1(beta * (hi - lo))) / beta
+    tails = np.asarray(jax.random.uniform(k5, (n,)), np.float64) < 0.1
+    t_normal = 0.5 * (lo + hi) + (hi - lo) * np.asarray(jax.random.normal(k6, (n,)), np.float64)
+    t = np.where(tails, t_normal, t)
+    w = mix["centres"][which] + perp @ mix["basis"].T + t[:, None] * mix["ridge"][None]
+    return w, which
+
+
+def _ridge_mixture_logpdf(w, mix: dict, per_component: bool = False) -> np.ndarray:
+    """Log density of :func:`_ridge_laplace_mixture` at ``w (n, d)`` (``(n, M)``: each weighted
+    component's, with ``per_component``)."""
+    dm = mix["basis"].shape[1]
+    nu = _T_DF
+    const = math.lgamma((nu + dm) / 2) - math.lgamma(nu / 2) - 0.5 * dm * math.log(nu * math.pi)
+    parts = []
+    for c, chol, seg, wt in zip(mix["centres"], mix["chols"], mix["segments"], mix["weights"]):
+        dw = w - c
+        sol = np.linalg.solve(chol, (dw @ mix["basis"]).T).T
+        maha = np.sum(sol**2, axis=1)
+        lp_perp = const - float(np.sum(np.log(np.diag(chol)))) - 0.5 * (nu + dm) * np.log1p(maha / nu)
+        parts.append(math.log(wt) + lp_perp + _ridge_t_logpdf(dw @ mix["ridge"], seg, mix["beta"]))
+    return np.stack(parts, axis=1) if per_component else np.logaddexp.reduce(np.stack(parts), axis=0)
 
 
 def _batched_log_post(space, model, lows, highs):
