@@ -145,8 +145,11 @@ class FitResult:
     - ``r2``: 1 - SS(erp - erp_fit) / SS(erp - mean); ``chi2_reduced``:
       ``sum((erp - erp_fit)^2) / noise_sd^2 / (n_times - d)`` (``chi2_reduced_map`` the same at
       the MAP); ``misfit``: it exceeds 1 + 5 sqrt(2 / n_times) (5 SD of a reduced chi-square);
-    - per start: ``start_params (K, d)``, ``start_neg_log_post (K,)``, ``converged (K,)`` (the
-      solver reached its tolerance with a finite objective), ``start_steps (K,)``;
+    - per start: ``start_params (K, d)``, ``start_neg_log_post (K,)``, ``converged (K,)`` (a
+      finite objective, and the solver reached its tolerance or the Newton decrement is below
+      0.05 nats), ``start_steps (K,)``; starts stopped early (in a converged start's basin, or
+      unable to reach the best) are not converged (``diagnostics``: ``starts_merged``,
+      ``starts_stopped``);
       ``n_modes``: separate optima among the converged starts whose -log posterior is within
       ``mode_tolerance`` of the best (1: the starts agree; more: several modes), ``modes``: one dict
       per optimum;
@@ -308,8 +311,11 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
       (otherwise prior draws do). An estimator trained on another protocol is refused;
     - ``n_screen`` candidates (amortised or prior draws) are ranked by their log posterior in one
       batch; the best half of ``n_starts`` and random others among the finite ones start
-      ``n_starts`` solves, run in one batch (``max_steps`` Levenberg-Marquardt steps each);
-      ``n_proposal`` draws from the Laplace mixture are weighted by the exact posterior (PSIS);
+      ``n_starts`` solves, run in one batch (at most about ``max_steps`` Levenberg-Marquardt steps
+      each, in chunks after which converged, duplicate and hopeless starts stop);
+      ``n_proposal`` draws from the Laplace mixture are weighted by the exact posterior (PSIS; with
+      the exact ridge, the mixture follows it in log(theta), and up to three adaptive rounds move it
+      to the weighted draws while the weights fail);
       when k-hat > ``khat_threshold`` or the ESS < 100, tempered SMC (``smc_particles``) runs from
       the mixture instead. ``n_samples`` posterior draws come back.
     """
@@ -389,7 +395,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         if lat[0] < 0:
             raise ValueError(f"latency must be >= 0 s (a delay of the stimulus), got {lat}")
         space = _Space(prior, space.gain, lat, space.fixed_gain)
-    comp = _compiled(space, protocol, max_steps)
+    comp = _compiled(space, protocol, _chunk_steps(max_steps))
     model, lows, highs = comp["model"], comp["lows"], comp["highs"]
     d = space.d
     xj = jnp.asarray(x, jnp.float32)
@@ -433,11 +439,9 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
 
     t_solve = time.perf_counter()
     sign_j = jnp.asarray(sign, jnp.float32)
-    z_map, ok, steps = comp["solve"](z0, sign_j, xj, sd_j)
-    r_map, jac = comp["residuals_and_jac"](z_map, sign_j, xj, sd_j)
-    z_map, r_map, jac = (np.asarray(a, np.float64) for a in (z_map, r_map, jac))
-    nlp = 0.5 * np.sum(r_map**2, axis=1)
-    converged = np.asarray(ok) & np.isfinite(nlp)
+    threshold = _chi2_quantile(d, 0.99)
+    z_map, converged, steps, jac, nlp, merged_into, solve_diag = _solve_in_chunks(
+        comp, z0, sign_j, xj, sd_j, max_steps, mode_tolerance, threshold)
     solve_s = time.perf_counter() - t_solve
     if not converged.any():
         warnings.warn(f"none of the {n_starts} starts converged within {max_steps} Levenberg-Marquardt steps: the MAP "
@@ -448,7 +452,10 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     order = np.argsort(np.where(converged, nlp, np.inf) if converged.any() else nlp)
     best = int(order[0])
     covs = np.stack([_laplace_cov(j) for j in jac])
-    threshold = _chi2_quantile(d, 0.99)
+    if converged.any() and np.any(np.isfinite(nlp) & ~converged & (nlp < nlp[best] - mode_tolerance)):
+        warnings.warn(f"a start that did not converge within {max_steps} Levenberg-Marquardt steps reached a -log "
+                      f"posterior {nlp[best] - np.nanmin(nlp):.3g} below the best converged one: the MAP may be a "
+                      "local optimum (raise max_steps)", RuntimeWarning, stacklevel=2)
     modes: list[dict] = []
     for i in order:
         if not (converged[i] or i == best) or nlp[i] - nlp[best] > mode_tolerance:
@@ -460,6 +467,10 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                 break
         else:
             modes.append(dict(index=int(i), starts=[int(i)], neg_log_post=float(nlp[i]), sign=float(sign[i])))
+    for i in np.flatnonzero(merged_into >= 0):  # copies stopped in a converged start's basin join its mode
+        for m in modes:
+            if int(merged_into[i]) in m["starts"]:
+                m["starts"].append(int(i))
     for m in modes:
         m["params"] = dict(zip(space.names, _to_units(space, z_map[m["index"]], sign[m["index"]], lows, highs)))
 
@@ -481,31 +492,43 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         q_parts = _t_mixture_logpdf(z_prop, centres, mchols, mix, per_component=True)
         log_q = np.logaddexp.reduce(np.where(same, q_parts, -np.inf), axis=1)
         lp = _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j)
+        lw, k_hat = psis(lp - log_q)
+        ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
     else:
         # in w = log(theta) the ridge is straight: _RIDGE_SHARE of the draws follow it over the
         # prior's extent (:func:`_ridge_laplace_mixture`), the rest come from the t mixture in z
         rmix = _ridge_laplace_mixture(space, centres, np.stack([jac[m["index"]] for m in modes]), len(x), n_log,
                                       ridge[0], mix)
         n_ridge = int(round(_RIDGE_SHARE * n_proposal))
-        k_ridge, k_t = jax.random.split(k_prop)
-        w_ridge, which_ridge = _ridge_mixture_sample(k_ridge, rmix, n_ridge)
-        z_t, which_t = _t_mixture_sample(k_t, centres, mchols, mix, n_proposal - n_ridge)
-        u_t = space.lows + (space.highs - space.lows) * scipy_expit(z_t)
-        w_t = np.concatenate([np.log(u_t[:, :n_log]), z_t[:, n_log:]], axis=1)
-        w_prop = np.concatenate([w_ridge, w_t])
-        which = np.concatenate([which_ridge, which_t])
-        s_prop = msign[which]
-        z_prop, ldj, inside = _w_z_float64(w_prop, space.lows, space.highs, n_log)
-        z_prop = np.where(inside[:, None], z_prop, 0.0)
-        same = s_prop[:, None] == msign[None, :]
-        q_ridge = np.where(same, _ridge_mixture_logpdf(w_prop, rmix, per_component=True), -np.inf)
-        q_t = np.where(same, _t_mixture_logpdf(z_prop, centres, mchols, mix, per_component=True), -np.inf)
-        log_q = np.logaddexp(math.log(_RIDGE_SHARE) + np.logaddexp.reduce(q_ridge, axis=1),
-                             math.log(1 - _RIDGE_SHARE) + np.logaddexp.reduce(q_t, axis=1) + np.where(inside, ldj, 0.0))
-        lp = np.where(inside, _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j) + ldj, -np.inf)
-    lw, k_hat = psis(lp - log_q)
-    ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
-    diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, n_proposal=n_proposal, importance_pareto_k=k_hat, importance_ess=ess)
+        for rnd in range(1 + _IS_ADAPT_ROUNDS):
+            k_ridge, k_t = jax.random.split(jax.random.fold_in(k_prop, rnd))
+            w_ridge, which_ridge = _ridge_mixture_sample(k_ridge, rmix, n_ridge)
+            z_t, which_t = _t_mixture_sample(k_t, centres, mchols, mix, n_proposal - n_ridge)
+            u_t = space.lows + (space.highs - space.lows) * scipy_expit(z_t)
+            w_t = np.concatenate([np.log(u_t[:, :n_log]), z_t[:, n_log:]], axis=1)
+            w_prop, which = np.concatenate([w_ridge, w_t]), np.concatenate([which_ridge, which_t])
+            s_prop = msign[which]
+            z_prop, ldj, inside = _w_z_float64(w_prop, space.lows, space.highs, n_log)
+            z_prop = np.where(inside[:, None], z_prop, 0.0)
+            same = s_prop[:, None] == msign[None, :]
+            q_ridge = np.where(same, _ridge_mixture_logpdf(w_prop, rmix, per_component=True), -np.inf)
+            q_t = np.where(same, _t_mixture_logpdf(z_prop, centres, mchols, mix, per_component=True), -np.inf)
+            log_q = np.logaddexp(math.log(_RIDGE_SHARE) + np.logaddexp.reduce(q_ridge, axis=1),
+                                 math.log(1 - _RIDGE_SHARE) + np.logaddexp.reduce(q_t, axis=1)
+                                 + np.where(inside, ldj, 0.0))
+            lp = np.where(inside, _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j) + ldj, -np.inf)
+            lw, k_hat = psis(lp - log_q)
+            ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
+            if (k_hat <= khat_threshold and ess >= 100) or not np.isfinite(lw).any() or rnd == _IS_ADAPT_ROUNDS:
+                break
+            # adaptive importance sampling: the next round's ridge mixture moves to the weighted
+            # draws (each draw shared among the components by its responsibility); only the last
+            # round's draws are used, so each round's weights are exact for its own proposal
+            rmix = _adapt_ridge_mixture(rmix, w_prop, np.exp(lw), q_ridge, space, n_log)
+        diag_rounds = rnd + 1
+    diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, **solve_diag, n_proposal=n_proposal,
+                importance_pareto_k=k_hat, importance_ess=ess,
+                importance_rounds=diag_rounds if ridge is not None else 1)
     if k_hat <= khat_threshold and ess >= 100:
         idx = _systematic(k_res, lw, n_samples)
         z_post, s_post, sampler = z_prop[idx], s_prop[idx], "laplace-importance"
@@ -771,6 +794,89 @@ def _residual_fn(space, model, lows, highs):
     return residuals
 
 
+_LM_CHUNK = 25  # Levenberg-Marquardt steps between the checks of :func:`_solve_in_chunks`
+
+_NEWTON_DECREMENT_TOL = 0.05
+"""A start has converged when its Newton decrement ``g^T H^-1 g / 2`` (gradient and Gauss-Newton
+Hessian of the -log posterior) is below this many nats: the quadratic model puts its optimum that
+close, far inside the posterior's own spread of about d/2 nats."""
+
+
+def _chunk_steps(max_steps: int) -> int:
+    """Steps per chunk: ``max_steps`` split into equal chunks of at most :data:`_LM_CHUNK`."""
+    n_chunks = -(-max_steps // _LM_CHUNK)
+    return -(-max_steps // n_chunks)
+
+
+def _newton_decrement(jac: np.ndarray, r: np.ndarray) -> float:
+    """``g^T (J^T J)^-1 g / 2`` with ``g = J^T r`` (the pseudo-inverse of :func:`_laplace_cov`)."""
+    g = jac.T @ r
+    return float(0.5 * g @ _laplace_cov(jac) @ g)
+
+
+def _solve_in_chunks(comp, z0, sign, x, noise_sd, max_steps: int, mode_tolerance: float, merge_distance: float):
+    """Levenberg-Marquardt from every start ``z0 (K, d)`` in one batch, in chunks of
+    :func:`_chunk_steps` steps (up to about ``max_steps`` in all). After each chunk a start is
+
+    - converged: the solver reached its tolerance, or its Newton decrement is below
+      :data:`_NEWTON_DECREMENT_TOL` (along the ridge and the sloppy directions the steps stay above
+      the solver's tolerance long after the objective has stopped changing);
+    - merged: it lies in the basin of a converged start no worse than it (squared distance in that
+      start's Gauss-Newton metric below ``merge_distance``), where it would be counted in the same
+      mode; solving it on would only refine a copy (reported as not converged, and in that mode);
+    - stopped: it lies more than ``mode_tolerance`` nats above the best start and, at the rate it
+      descended in its last chunk, the remaining chunks cannot bring it to the best (reported as
+      not converged);
+    - or solved on. The batch stops when no start is left to solve on.
+
+    Returns ``z (K, d)``, ``converged (K,)``, ``steps (K,)``, residual Jacobians ``(K, R, d)``,
+    ``-log posterior (K,)`` (all float64 / numpy), ``merged_into (K,)`` (the converged start a
+    merged start joined, else -1) and diagnostics."""
+    chunk = _chunk_steps(max_steps)
+    n_chunks = -(-max_steps // chunk)
+    k = z0.shape[0]
+    z = jnp.asarray(z0, jnp.float32)
+    steps = np.zeros(k, np.int64)
+    lm_ok = np.zeros(k, bool)
+    active = np.ones(k, bool)
+    prev = np.full(k, np.inf)
+    stopped = np.zeros(k, bool)
+    merged_into = np.full(k, -1)
+    for c in range(n_chunks):
+        z_new, ok, st = comp["solve"](z, sign, x, noise_sd)
+        keep = jnp.asarray(active)[:, None]
+        z = jnp.where(keep, z_new, z)
+        steps += np.where(active, np.asarray(st), 0)
+        lm_ok |= active & np.asarray(ok)
+        r, jac = comp["residuals_and_jac"](z, sign, x, noise_sd)
+        r, jac = np.asarray(r, np.float64), np.asarray(jac, np.float64)
+        nlp = 0.5 * np.sum(r**2, axis=1)
+        finite = np.isfinite(nlp) & np.all(np.isfinite(jac), axis=(1, 2))
+        dec = np.array([_newton_decrement(j, rr) if f else np.inf for j, rr, f in zip(jac, r, finite)])
+        converged = finite & (lm_ok | (dec < _NEWTON_DECREMENT_TOL))
+        best = np.min(np.where(finite, nlp, np.inf))
+        remaining = n_chunks - c - 1
+        with np.errstate(invalid="ignore"):
+            hopeless = (nlp - best > mode_tolerance) & (nlp - best > remaining * np.maximum(prev - nlp, 0.0))
+        zc = np.asarray(z, np.float64)
+        merged_into[:] = -1
+        for i in np.flatnonzero(finite & ~converged):
+            for j in np.flatnonzero(converged)[np.argsort(nlp[converged])]:
+                diff = zc[i] - zc[j]
+                if nlp[j] <= nlp[i] and diff @ (jac[j].T @ (jac[j] @ diff)) <= merge_distance:
+                    merged_into[i] = j
+                    break
+        stopped |= active & ~converged & finite & hopeless & (remaining > 0) & (merged_into < 0)
+        active = active & finite & ~converged & ~hopeless & (merged_into < 0)
+        prev = nlp
+        if not active.any():
+            break
+    z = np.asarray(z, np.float64)
+    return z, converged, steps, jac, nlp, merged_into, dict(
+        solve_chunks=c + 1, starts_stopped=int(stopped.sum()), starts_merged=int(np.sum(merged_into >= 0)),
+        newton_decrement=dec)
+
+
 def _solve_batch(residuals, max_steps):
     """Jitted ``(z0 (K, d), sign (K,), x, noise_sd) -> (z (K, d), converged (K,), steps (K,))``:
     one Levenberg-Marquardt solve per start, vmapped."""
@@ -803,6 +909,8 @@ def _chi2_quantile(d: int, p: float) -> float:
 
     return float(chi2.ppf(p, d))
 
+
+_IS_ADAPT_ROUNDS = 3  # adaptive importance-sampling rounds after the first, while k-hat or the ESS fail
 
 _RIDGE_SHARE = 0.8  # of the importance draws from the ridge-shaped mixture in log(theta) (when there is a ridge)
 
@@ -905,15 +1013,50 @@ def _ridge_laplace_mixture(space: _Space, z_modes, jacs, n_times: int, n_log: in
         ev, vec = np.linalg.eigh(0.5 * (prec + prec.T))
         ev = np.maximum(ev, 1e-12 * ev.max())
         chols.append(np.linalg.cholesky((vec / ev) @ vec.T))
-        nz = np.abs(r[:n_log]) > 0
-        a = (log_lo[nz] - w_c[:n_log][nz]) / r[:n_log][nz]
-        b = (log_hi[nz] - w_c[:n_log][nz]) / r[:n_log][nz]
-        t_lo, t_hi = float(np.max(np.minimum(a, b))), float(np.min(np.maximum(a, b)))
-        pad = 0.1 * max(t_hi - t_lo, 1e-6)
-        segments.append((t_lo - pad, t_hi + pad))
+        segments.append(_ridge_segment(w_c, r, space, n_log))
         centres.append(w_c)
     return dict(centres=np.stack(centres), chols=np.stack(chols), segments=np.asarray(segments), basis=basis,
                 ridge=r, beta=float(np.sum(r[:n_log])), weights=np.asarray(weights_z, np.float64))
+
+
+def _ridge_segment(w_c, r, space: _Space, n_log: int) -> tuple[float, float]:
+    """The t with ``w_c + t r`` inside the box, widened by 10 % at each end."""
+    log_lo, log_hi = np.log(space.lows[:n_log]), np.log(space.highs[:n_log])
+    nz = np.abs(r[:n_log]) > 0
+    a = (log_lo[nz] - w_c[:n_log][nz]) / r[:n_log][nz]
+    b = (log_hi[nz] - w_c[:n_log][nz]) / r[:n_log][nz]
+    t_lo, t_hi = float(np.max(np.minimum(a, b))), float(np.min(np.maximum(a, b)))
+    pad = 0.1 * max(t_hi - t_lo, 1e-6)
+    return t_lo - pad, t_hi + pad
+
+
+def _adapt_ridge_mixture(mix: dict, w, weights, q_parts, space: _Space, n_log: int) -> dict:
+    """The ridge mixture moved to importance draws ``w (n, d)`` with normalised ``weights (n,)``:
+    each component's across-ridge centre and scale to the draws' weighted mean and the average of
+    its old and the weighted covariance (the average keeps it full rank from few effective draws),
+    its weight half old, half its share; ``q_parts (n, M)``: the components' log densities at the
+    draws (the responsibilities)."""
+    with np.errstate(invalid="ignore"):
+        resp = np.exp(q_parts - np.logaddexp.reduce(q_parts, axis=1, keepdims=True))
+    resp = np.where(np.isfinite(resp), resp, 0.0)
+    basis, r = mix["basis"], mix["ridge"]
+    centres, chols, segments = mix["centres"].copy(), mix["chols"].copy(), mix["segments"].copy()
+    share = np.zeros(len(centres))
+    for m in range(len(centres)):
+        a = weights * resp[:, m]
+        share[m] = a.sum()
+        if share[m] < 1e-3:
+            continue
+        a = a / share[m]
+        y = (w - centres[m]) @ basis
+        mu = a @ y
+        cov_w = (y - mu).T @ ((y - mu) * a[:, None])
+        cov = 0.5 * (chols[m] @ chols[m].T) + 0.5 * cov_w
+        centres[m] = centres[m] + basis @ mu
+        chols[m] = np.linalg.cholesky(0.5 * (cov + cov.T) + 1e-12 * np.eye(len(cov)))
+        segments[m] = _ridge_segment(centres[m], r, space, n_log)
+    weights_new = 0.5 * mix["weights"] + 0.5 * share / max(share.sum(), 1e-300)
+    return dict(mix, centres=centres, chols=chols, segments=segments, weights=weights_new / weights_new.sum())
 
 
 def _ridge_t_logpdf(t, seg, beta):
