@@ -32,7 +32,7 @@ starts at <= 10 s per recording on a 2-core CPU; real, posterior predictive redu
 <= 1.5 and ESS >= 100 on each condition. Each is printed PASS or FAIL with the figure, or NOT
 MEASURED where its condition (an estimator) is absent.
 
-    python benchmarks/fit.py [--n 200] [--snrs 30 10] [--model DIR [--train N]] [--n-starts 8]
+    python benchmarks/fit.py [--n 200] [--snrs 30 10] [--model DIR [--train N]] [--n-starts K]
                              [--smc-particles 1000] [--no-real] [--note TEXT]
 
 ``--train N`` with ``--model DIR`` trains that estimator first when DIR does not exist: N
@@ -283,7 +283,7 @@ def main():
     ap.add_argument("--fs", type=float, default=500.0)
     ap.add_argument("--tmin", type=float, default=-0.198)
     ap.add_argument("--tmax", type=float, default=0.498)
-    ap.add_argument("--n-starts", type=int, default=8)
+    ap.add_argument("--n-starts", type=int, default=None, help="default: jr_jax.fit's (4 with --model, 8 without)")
     ap.add_argument("--n-samples", type=int, default=1000)
     ap.add_argument("--n-proposal", type=int, default=2000)
     ap.add_argument("--max-steps", type=int, default=100)
@@ -375,7 +375,7 @@ def report(result, args, prior, estimator, notes, t_run, *, final: bool):
     names = prior.names
     if "simulated" in result:
         sim = result["simulated"]
-        lines.append(f"Simulated ERPs: N = {args.n} per SNR, {args.n_starts} starts, "
+        lines.append(f"Simulated ERPs: N = {args.n} per SNR, {args.n_starts or (4 if estimator else 8)} starts, "
                      f"{'amortised' if estimator else 'prior'} starts")
         head = f"{'SNR':>4s} {'method':10s} " + " ".join(f"{n:>6s}" for n in names) + \
             f" {'wR2 med':>8s} {'chi2 med':>8s} {'chi2 q90':>8s}"

@@ -291,7 +291,7 @@ def _prior_sd(space: _Space, prior: Prior) -> np.ndarray:
 
 
 def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None, estimator=None,
-        prior: Prior | None = None, gain="auto", latency="auto", key, n_starts: int = 8, n_samples: int = 1000,
+        prior: Prior | None = None, gain="auto", latency="auto", key, n_starts: int | None = None, n_samples: int = 1000,
         n_screen: int = 1000, n_proposal: int = 2000, max_steps: int = 100, level: float = 0.9, mode_tolerance: float = 3.0,
         khat_threshold: float = 0.7, smc_particles: int = 1000, smc_mcmc_steps: int = 10) -> FitResult:
     """Fit the model to one ERP and return its MAP, posterior draws and checks (module docstring).
@@ -309,6 +309,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
       :data:`RECORDING_LATENCY` for a Recording, ``None`` for an array;
     - ``estimator``: a posterior estimator trained on this protocol; its draws start the solver
       (otherwise prior draws do). An estimator trained on another protocol is refused;
+    - ``n_starts``: default 4 with an ``estimator`` (its draws start near the posterior), 8 without;
     - ``n_screen`` candidates (amortised or prior draws) are ranked by their log posterior in one
       batch; the best half of ``n_starts`` and random others among the finite ones start
       ``n_starts`` solves, run in one batch (at most about ``max_steps`` Levenberg-Marquardt steps
@@ -351,6 +352,8 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             or not (math.isfinite(noise_sd) and noise_sd > 0):
         raise ValueError(f"noise_sd must be a finite number > 0 (mV), got {noise_sd!r}")
     noise_sd = float(noise_sd)
+    if n_starts is None:
+        n_starts = 8 if estimator is None else 4
     for name, value, low in (("n_starts", n_starts, 1), ("n_samples", n_samples, 10), ("n_proposal", n_proposal, 100),
                              ("n_screen", n_screen, 1), ("max_steps", max_steps, 1), ("smc_particles", smc_particles, 10),
                              ("smc_mcmc_steps", smc_mcmc_steps, 1)):
@@ -449,13 +452,21 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                       RuntimeWarning, stacklevel=2)
 
     # --- modes among the converged starts: Mahalanobis distance under the Laplace covariance ----
-    order = np.argsort(np.where(converged, nlp, np.inf) if converged.any() else nlp)
+    # the MAP is the best converged start, unless an unconverged one lies more than mode_tolerance
+    # below it (a start still descending in a sloppy valley can lie far below every converged one):
+    # then that start, with a warning giving its Newton decrement
+    order = np.argsort(np.where(converged, nlp, np.inf) if converged.any() else nlp, kind="stable")
     best = int(order[0])
+    best_any = int(np.argmin(np.where(np.isfinite(nlp), nlp, np.inf)))
+    if converged.any() and nlp[best_any] < nlp[best] - mode_tolerance:
+        best = best_any
+        order = np.concatenate([[best], order[order != best]])
     covs = np.stack([_laplace_cov(j) for j in jac])
-    if converged.any() and np.any(np.isfinite(nlp) & ~converged & (nlp < nlp[best] - mode_tolerance)):
-        warnings.warn(f"a start that did not converge within {max_steps} Levenberg-Marquardt steps reached a -log "
-                      f"posterior {nlp[best] - np.nanmin(nlp):.3g} below the best converged one: the MAP may be a "
-                      "local optimum (raise max_steps)", RuntimeWarning, stacklevel=2)
+    if converged.any() and not converged[best]:
+        warnings.warn(f"the best start did not converge within {max_steps} Levenberg-Marquardt steps (Newton "
+                      f"decrement {solve_diag['newton_decrement'][best]:.3g} nats), but lies "
+                      f"{np.min(nlp[converged]) - nlp[best]:.3g} nats below the best converged one: the MAP is that "
+                      "start (raise max_steps to refine it)", RuntimeWarning, stacklevel=2)
     modes: list[dict] = []
     for i in order:
         if not (converged[i] or i == best) or nlp[i] - nlp[best] > mode_tolerance:
