@@ -559,7 +559,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # from float32 Jacobians over curvatures of many decades, is far from the target); from the
         # prior alone a few hundred particles can settle in a worse optimum.
         smc = comp["smc"]
-        n_log, k_par = smc["n_log"], len(prior.names)
+        k_par = len(prior.names)
         smc_data = dict(x=xj, noise_sd=sd_j, sign=jnp.float32(s_fixed),
                         **_t_mixture_arrays(centres, mchols, mix, n_components=max(n_starts, len(mix))))
 
@@ -572,7 +572,6 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             z_lap = jnp.asarray(_t_mixture_sample(k3, centres, mchols, mix, n - n_prior)[0], jnp.float32)
             return _w_from_z(jnp.concatenate([z_prior, z_lap]), lows, highs, n_log)
 
-        ridge = ridge_direction(prior.names, d) if n_log else None
         w_smc, _, smc_diag = tempered_smc(smc["log_q"], sample_q, smc["log_target"], k_smc, d, smc_particles,
                                           smc_mcmc_steps, 100, data=smc_data, ridge=ridge)
         # then 2 x smc_mcmc_steps sweeps at the posterior on the particles' covariance: the last
