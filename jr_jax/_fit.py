@@ -426,7 +426,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     n_best = (n_starts + 1) // 2
     rest = ranked[n_best:]
     finite_rest = rest[np.isfinite(lp_c[rest])]
-    others = np.asarray(jax.random.permutation(jax.random.fold_in(k_start, 99), finite_rest))[:n_starts - n_best]
+    others = _host_rng(jax.random.fold_in(k_start, 99)).permutation(finite_rest)[:n_starts - n_best]
     chosen = np.concatenate([ranked[:n_best], others, rest[~np.isin(rest, others)]])[:n_starts]
     theta0, sign = theta_c[chosen], sign_c[chosen]
     lat0 = None if lat_c is None else lat_c[chosen]
@@ -591,7 +591,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                 post_jit, w_smc, jnp.asarray(0.3 * ridge[0][:, None], jnp.float32), jax.random.fold_in(k_smc, 1), 30)
         z_smc = np.asarray(_z_from_w(jnp.asarray(w_smc, jnp.float32), lows, highs, n_log)[0], np.float64)
         smc_diag["coordinates"] = "log(theta), z for gain and latency" if n_log else "z"
-        idx = np.asarray(jax.random.choice(k_res, z_smc.shape[0], (n_samples,), replace=z_smc.shape[0] < n_samples))
+        idx = _host_rng(k_res).choice(z_smc.shape[0], n_samples, replace=z_smc.shape[0] < n_samples)
         z_post, s_post, sampler = z_smc[idx], np.full(n_samples, s_fixed), "smc"
         diag.update({f"smc_{k}": v for k, v in smc_diag.items()})
         ess = float(smc_diag["final_ess"])
@@ -930,11 +930,11 @@ _T_DF = 5.0  # Student-t proposal: heavier tails than the Laplace Gaussian, for 
 def _t_mixture_sample(key, centres, chols, weights, n):
     """``n`` draws ``(n, d)`` from the mixture of multivariate t (``_T_DF`` degrees of freedom) with
     the given centres, Cholesky factors of the scale matrices and weights; and the components."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    which = np.asarray(jax.random.choice(k1, len(weights), (n,), p=jnp.asarray(weights)))
+    rng = _host_rng(key)
+    which = rng.choice(len(weights), n, p=np.asarray(weights, np.float64) / np.sum(weights))
     d = centres.shape[1]
-    eps = np.asarray(jax.random.normal(k2, (n, d)), np.float64)
-    g = np.asarray(jax.random.gamma(k3, _T_DF / 2, (n,)), np.float64) / (_T_DF / 2)
+    eps = rng.standard_normal((n, d))
+    g = rng.gamma(_T_DF / 2, size=n) / (_T_DF / 2)
     z = centres[which] + np.einsum("nij,nj->ni", chols[which], eps) / np.sqrt(g)[:, None]
     return z, which
 
@@ -1088,22 +1088,22 @@ def _ridge_t_logpdf(t, seg, beta):
 
 def _ridge_mixture_sample(key, mix: dict, n: int):
     """``n`` draws ``(n, d)`` in w from :func:`_ridge_laplace_mixture`, and their components."""
-    k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
-    weights = mix["weights"]
-    which = np.asarray(jax.random.choice(k1, len(weights), (n,), p=jnp.asarray(weights)))
+    rng = _host_rng(key)
+    weights = np.asarray(mix["weights"], np.float64)
+    which = rng.choice(len(weights), n, p=weights / weights.sum())
     dm = mix["basis"].shape[1]
-    eps = np.asarray(jax.random.normal(k2, (n, dm)), np.float64)
-    g = np.asarray(jax.random.gamma(k3, _T_DF / 2, (n,)), np.float64) / (_T_DF / 2)
+    eps = rng.standard_normal((n, dm))
+    g = rng.gamma(_T_DF / 2, size=n) / (_T_DF / 2)
     perp = np.einsum("nij,nj->ni", mix["chols"][which], eps) / np.sqrt(g)[:, None]
     lo, hi = mix["segments"][which, 0], mix["segments"][which, 1]
     beta = mix["beta"]
-    v = np.asarray(jax.random.uniform(k4, (n,)), np.float64)
+    v = rng.uniform(size=n)
     if abs(beta) < 1e-8:
         t = lo + v * (hi - lo)
     else:  # inverse CDF of exp(beta t) on [lo, hi]
         t = lo + np.log1p(v * np.expm1(beta * (hi - lo))) / beta
-    tails = np.asarray(jax.random.uniform(k5, (n,)), np.float64) < 0.1
-    t_normal = 0.5 * (lo + hi) + (hi - lo) * np.asarray(jax.random.normal(k6, (n,)), np.float64)
+    tails = rng.uniform(size=n) < 0.1
+    t_normal = 0.5 * (lo + hi) + (hi - lo) * rng.standard_normal(n)
     t = np.where(tails, t_normal, t)
     w = mix["centres"][which] + perp @ mix["basis"].T + t[:, None] * mix["ridge"][None]
     return w, which
@@ -1139,14 +1139,28 @@ def _batched_log_post(space, model, lows, highs):
     return log_post
 
 
-def _eval_log_post(fn, z, sign, x, noise_sd, chunk: int = 1000) -> np.ndarray:
+def _host_rng(key) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key: the host-side draws (the proposals, the starts, the
+    resampling) come from it, since a ``jax.random`` call outside ``jit`` compiles a sampler for each
+    new shape (about 0.5 s for a gamma). The same key gives the same draws."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32).ravel().tolist())
+
+
+def _batch_bucket(n: int, chunk: int) -> int:
+    """The padded batch size for ``n`` evaluations: a power of two from 64 up to ``chunk``, so that a
+    fit compiles the batched log posterior for a few shapes, not one per request."""
+    return min(chunk, max(64, 1 << max(0, int(n - 1).bit_length())))
+
+
+def _eval_log_post(fn, z, sign, x, noise_sd, chunk: int = 1024) -> np.ndarray:
     out = []
     for s in range(0, len(z), chunk):
         zc, sc = z[s:s + chunk], sign[s:s + chunk]
         n = len(zc)
-        if n < chunk and s > 0:  # pad to the compiled shape
-            zc = np.concatenate([zc, np.repeat(zc[-1:], chunk - n, 0)])
-            sc = np.concatenate([sc, np.repeat(sc[-1:], chunk - n)])
+        size = chunk if s > 0 else _batch_bucket(n, chunk)
+        if n < size:  # pad to a compiled shape
+            zc = np.concatenate([zc, np.repeat(zc[-1:], size - n, 0)])
+            sc = np.concatenate([sc, np.repeat(sc[-1:], size - n)])
         out.append(np.asarray(fn(jnp.asarray(zc, jnp.float32), jnp.asarray(sc, jnp.float32), x, noise_sd),
                               np.float64)[:n])
     return np.concatenate(out)

@@ -1,8 +1,11 @@
 """Shared test helpers: an independent NumPy/SciPy reference of the JR model (DESIGN §2)."""
 
+import functools
 import os
+import re
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +34,36 @@ def pytest_unconfigure(config):
     if cache is not None:
         shutil.rmtree(cache, ignore_errors=True)
         del os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+_GROUP_MARK = re.compile(r"^pytestmark = pytest\.mark\.xdist_group\(", re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_is_grouped(path: str) -> bool:
+    """Whether a test module declares ``pytestmark = pytest.mark.xdist_group(...)``."""
+    try:
+        return bool(_GROUP_MARK.search(Path(path).read_text()))
+    except OSError:
+        return False
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each module that declares an xdist_group runs whole on one worker, so its module fixtures are
+    built once; every other test is scheduled on its own. (xdist's own ``loadgroup`` marks the group
+    in the test's node id, which pytest >= 9.2 no longer lets a plugin rewrite: the groups were split
+    over the workers and every module fixture was built on both.) The controller does not import the
+    test modules, so it reads the mark from the module's text."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if _module_is_grouped(str(config.rootpath / module)) else nodeid
+
+    return ModuleGroupScheduling(config, log)
 
 
 # Parameter sets: defaults, the study's range corners, and a mixed point.
