@@ -1149,7 +1149,7 @@ def _host_rng(key) -> np.random.Generator:
 def _batch_bucket(n: int, chunk: int) -> int:
     """The padded batch size for ``n`` evaluations: a power of two from 64 up to ``chunk``, so that a
     fit compiles the batched log posterior for a few shapes, not one per request."""
-    return min(chunk, max(64, 1 << max(0, int(n - 1).bit_length())))
+    return min(chunk, max(64, 1 << (int(n) - 1).bit_length()))
 
 
 def _eval_log_post(fn, z, sign, x, noise_sd, chunk: int = 1024) -> np.ndarray:
