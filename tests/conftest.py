@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-import jr_jax
+# Equinox's runtime checks (inside diffrax and optimistix) lower to host callbacks by default, and
+# XLA programs with host callbacks are never written to the persistent compilation cache below.
+# In the tests they return NaN instead of raising (jr_jax's own solves already pass throw=False and
+# flag failures by value), so the big programs (the fit's solve, the SMC) are compiled once per run
+# and loaded from the cache in the other processes: the xdist workers, the CLI, the notebooks'
+# kernels. Set before equinox is first imported, and inherited by every subprocess.
+os.environ.setdefault("EQX_ON_ERROR", "nan")
+# and keep programs that compile in a fraction of a second as well (many tests share them)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jr_jax  # noqa: E402
 
 
 def pytest_configure(config):
@@ -27,6 +37,8 @@ def pytest_configure(config):
         import jax
 
         jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_unconfigure(config):
