@@ -405,7 +405,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     sd_j = jnp.asarray(noise_sd, jnp.float32)
     k_start, k_prop, k_res, k_smc = jax.random.split(key, 4)
 
-    # --- starts: screened amortised or prior draws of theta; latency stratified; gain by projection
+    # --- starts: screened amortised or prior draws of theta; latency profiled; gain by projection
     n_cand = max(n_screen, n_starts)
     if estimator is not None:
         x_est = x / space.fixed_gain if space.gain is None else x * _typical_rms(space, model) / np.sqrt(np.mean(x**2))
@@ -415,9 +415,9 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     else:
         theta_c = np.asarray(prior.sample_array(k_start, n_cand), np.float64)
     lat_c = None
-    if space.latency:
-        lat_c = space.latency[0] + (np.arange(n_cand) + 0.5) / n_cand * (space.latency[1] - space.latency[0])
     t_screen = time.perf_counter()
+    if space.latency:  # each candidate at its own best latency (one simulation, every shift scored)
+        lat_c = _profile_latency(space, model, x, theta_c)
     z_c, sign_c = _starts(space, comp, x, theta_c, lat_c)
     lp_c = _eval_log_post(comp["log_post_jit"], z_c, sign_c, xj, sd_j)
     # the best candidates find the main optimum in few steps; random others keep the search for
@@ -639,6 +639,41 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
 
 
 # --- pieces ----------------------------------------------------------------------------------
+
+
+def _profile_latency(space: _Space, model: "_Model", x, theta, chunk: int = 1024) -> np.ndarray:
+    """The latency (s) that best fits ``x`` for each candidate ``theta (B, n_params)``: one
+    simulation per candidate, shifted to every sample of the latency range (the grid of
+    ``protocol.fs``), each shift scored by its residual sum of squares with the gain that best
+    scales it onto ``x`` (least squares, sign free; or the fixed gain), as :meth:`_Model.source`
+    shifts and baseline-corrects. ``(B,)``; a candidate whose simulation is not finite gets the
+    range's midpoint."""
+    lo, hi = space.latency
+    fs = model.protocol.fs
+    grid = lo + np.arange(int(math.floor((hi - lo) * fs + 1e-9)) + 1) / fs
+    times = np.asarray(model.protocol.times, np.float64)
+    t0 = float(model.sim_protocol.times[0])
+    best = np.full(len(theta), 0.5 * (lo + hi))
+    for s0 in range(0, len(theta), chunk):
+        sim = np.asarray(model.source(jnp.asarray(theta[s0:s0 + chunk], jnp.float32), None), np.float64)
+        n_sim = sim.shape[1]
+        scores = np.empty((len(grid), len(sim)))
+        for j, tau in enumerate(grid):
+            pos = np.clip((times - tau - t0) * fs, 0, n_sim - 1)
+            i0 = np.minimum(np.floor(pos).astype(int), n_sim - 2)
+            w = pos - i0
+            m = sim[:, i0] * (1 - w) + sim[:, i0 + 1] * w
+            if model.protocol.baseline:
+                m = m - m[:, : model.n_pre].mean(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                if space.gain:
+                    scores[j] = np.sum(x**2) - (m @ x) ** 2 / np.sum(m**2, axis=1)
+                else:
+                    scores[j] = np.sum((x - space.fixed_gain * m) ** 2, axis=1)
+        scores = np.where(np.isfinite(scores), scores, np.inf)
+        ok = np.isfinite(scores).any(axis=0)
+        best[s0:s0 + chunk] = np.where(ok, grid[np.argmin(scores, axis=0)], best[s0:s0 + chunk])
+    return best
 
 
 def _starts(space: _Space, comp, x, theta0, lat0):

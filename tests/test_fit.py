@@ -4,6 +4,7 @@ grid posterior, gain and latency recovered, the recording's signal against NumPy
 import math
 
 import jax
+import jax.numpy as jnp
 import mne
 import numpy as np
 import pytest
@@ -321,3 +322,27 @@ def test_bad_input_is_named(evoked, observation):
     nan.data[nan.ch_names.index("EEG 021")] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         signal_from_evoked(nan, channel="EEG 021", reference=None)
+
+
+def test_screen_profiles_each_candidates_latency():
+    """The screen's latency per candidate (one simulation, every shift on the grid scored with the
+    least-squares gain) is the argmin, over the same grid, of the residual sum of squares computed
+    from the model's own shifted ERPs (`_Model.source` at each latency, jnp.interp): equal up to
+    float32 ties (the chosen latency's SS within 1e-4 relative of the grid minimum); and on a
+    noise-free ERP delayed by a grid latency it returns that latency for the true parameters."""
+    space = _fit._Space(PRIOR, (1e-5, 1e-1), (0.0, 0.06), 1.0)
+    model = _fit._Model(space, PROTOCOL)
+    theta = np.asarray(PRIOR.sample_array(jax.random.key(3), 6), np.float64)
+    theta = np.concatenate([THETA0, theta])
+    latency = 0.03  # 6 samples at 200 Hz
+    x = -2e-3 * np.asarray(model.source(jnp.asarray(THETA0, jnp.float32), jnp.asarray([latency], jnp.float32)),
+                           np.float64)[0]
+    best = _fit._profile_latency(space, model, x, theta)
+    assert best[0] == pytest.approx(latency, abs=1e-9)
+    grid = np.arange(0, 13) / PROTOCOL.fs
+    ss = np.empty((len(grid), len(theta)))
+    for j, tau in enumerate(grid):
+        m = np.asarray(model.source(jnp.asarray(theta, jnp.float32), jnp.full(len(theta), tau, jnp.float32)), np.float64)
+        ss[j] = np.sum(x**2) - (m @ x) ** 2 / np.sum(m**2, axis=1)
+    chosen = ss[np.round(best * PROTOCOL.fs).astype(int), np.arange(len(theta))]
+    assert np.all(chosen <= ss.min(axis=0) * (1 + 1e-4) + 1e-12), (chosen, ss.min(axis=0))
