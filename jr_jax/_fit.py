@@ -153,6 +153,8 @@ class FitResult:
       ``n_modes``: separate optima among the converged starts whose -log posterior is within
       ``mode_tolerance`` of the best (1: the starts agree; more: several modes), ``modes``: one dict
       per optimum;
+    - ``diagnostics['map_at_bound']``: the names of the MAP's coordinates within 2 % of their range
+      from a bound (also warned): the data push against the prior, or the starts found a boundary optimum;
     - ``sampler``: ``"laplace-importance"`` or ``"smc"``; ``pareto_k`` and ``ess``: the importance
       weights' diagnostics (and the SMC's final ESS); ``diagnostics``: timings and sampler details.
     """
@@ -467,6 +469,12 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                       f"decrement {solve_diag['newton_decrement'][best]:.3g} nats), but lies "
                       f"{np.min(nlp[converged]) - nlp[best]:.3g} nats below the best converged one: the MAP is that "
                       "start (raise max_steps to refine it)", RuntimeWarning, stacklevel=2)
+    at_bound = _at_bounds(space, z_map[best], lows, highs)
+    if at_bound:
+        warnings.warn(f"the MAP lies within {100 * _BOUND_FRACTION:g} % of the prior's range from a bound of "
+                      f"{', '.join(at_bound)}: either the data push against the prior there, or the starts ended in a "
+                      "local optimum on the boundary (try more starts, another key, or an estimator's starts)",
+                      RuntimeWarning, stacklevel=2)
     modes: list[dict] = []
     for i in order:
         if not (converged[i] or i == best) or nlp[i] - nlp[best] > mode_tolerance:
@@ -537,7 +545,8 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             # round's draws are used, so each round's weights are exact for its own proposal
             rmix = _adapt_ridge_mixture(rmix, w_prop, np.exp(lw), q_ridge, space, n_log)
         diag_rounds = rnd + 1
-    diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, **solve_diag, n_proposal=n_proposal,
+    diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, **solve_diag, map_at_bound=at_bound,
+                n_proposal=n_proposal,
                 importance_pareto_k=k_hat, importance_ess=ess,
                 importance_rounds=diag_rounds if ridge is not None else 1)
     if k_hat <= khat_threshold and ess >= 100:
@@ -693,6 +702,19 @@ def _starts(space: _Space, comp, x, theta0, lat0):
         u0.append(np.asarray(lat0)[:, None])
     u0 = np.concatenate(u0, axis=1)
     return np.asarray(to_unbounded(jnp.asarray(u0, jnp.float32), comp["lows"], comp["highs"]), np.float64), sign
+
+
+#: a MAP coordinate closer than this fraction of its prior range to a bound is reported (:func:`fit`)
+_BOUND_FRACTION = 0.02
+
+
+def _at_bounds(space: _Space, z, lows, highs) -> list[str]:
+    """The names of the coordinates of ``z (d,)`` that lie within :data:`_BOUND_FRACTION` of their
+    range (the prior's box; log|gain| and latency ranges) from a bound."""
+    u = np.asarray(from_unbounded(jnp.asarray(z, jnp.float32), lows, highs), np.float64)
+    lo, hi = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
+    frac = (u - lo) / (hi - lo)
+    return [n for n, f in zip(space.names, frac) if not _BOUND_FRACTION <= f <= 1 - _BOUND_FRACTION]
 
 
 def _to_units(space: _Space, z, sign, lows, highs) -> np.ndarray:

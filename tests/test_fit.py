@@ -346,3 +346,20 @@ def test_screen_profiles_each_candidates_latency():
         ss[j] = np.sum(x**2) - (m @ x) ** 2 / np.sum(m**2, axis=1)
     chosen = ss[np.round(best * PROTOCOL.fs).astype(int), np.arange(len(theta))]
     assert np.all(chosen <= ss.min(axis=0) * (1 + 1e-4) + 1e-12), (chosen, ss.min(axis=0))
+
+
+def test_a_map_on_the_prior_bound_is_reported(observation, result):
+    """An ERP made with b_i = 15 s^-1, below the prior's range of 25-75: no point of the box explains
+    it (reduced chi-square about 3), and the MAP ends within 2 % of the range from a bound of b_i
+    (74.4 here: the A_i-b_i trade-off takes it to the other end); the fit says so, with a
+    RuntimeWarning naming b_i and ``diagnostics['map_at_bound']``. The module's ERP, made inside
+    the box, reports no bound."""
+    assert result.diagnostics["map_at_bound"] == []
+    clean = np.asarray(jr_jax.simulate(PRIOR.to_params(np.array([[30.0, 15.0]])), PROTOCOL), np.float64)[0]
+    sd = float(np.sqrt(np.mean(clean**2)) / 10 ** (SNR / 20))
+    x = clean + sd * np.random.default_rng(6).standard_normal(clean.shape)
+    with pytest.warns(RuntimeWarning, match=r"from a bound of b_i"):
+        res = jr_jax.fit(x, PROTOCOL, noise_sd=sd, prior=PRIOR, key=jax.random.key(0), n_starts=4, n_samples=500)
+    assert res.diagnostics["map_at_bound"] == ["b_i"]
+    frac = (res.params["b_i"] - 25.0) / 50.0
+    assert min(frac, 1 - frac) < _fit._BOUND_FRACTION
