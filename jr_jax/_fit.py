@@ -416,11 +416,11 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             theta_c = np.asarray(estimator.sample(x_est.astype(np.float32), n_cand, key=k_start), np.float64)
     else:
         theta_c = np.asarray(prior.sample_array(k_start, n_cand), np.float64)
-    lat_c = None
+    lat_c = proj_c = None
     t_screen = time.perf_counter()
     if space.latency:  # each candidate at its own best latency (one simulation, every shift scored)
-        lat_c = _profile_latency(space, model, x, theta_c)
-    z_c, sign_c = _starts(space, comp, x, theta_c, lat_c)
+        lat_c, proj_c = _profile_latency(space, model, x, theta_c)
+    z_c, sign_c = _starts(space, comp, x, theta_c, lat_c, proj_c if space.gain else None)
     lp_c = _eval_log_post(comp["log_post_jit"], z_c, sign_c, xj, sd_j)
     # the best candidates find the main optimum in few steps; random others keep the search for
     # other modes (the starts' disagreement is reported)
@@ -650,23 +650,25 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
 # --- pieces ----------------------------------------------------------------------------------
 
 
-def _profile_latency(space: _Space, model: "_Model", x, theta, chunk: int = 1024) -> np.ndarray:
+def _profile_latency(space: _Space, model: "_Model", x, theta, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """The latency (s) that best fits ``x`` for each candidate ``theta (B, n_params)``: one
     simulation per candidate, shifted to every sample of the latency range (the grid of
     ``protocol.fs``), each shift scored by its residual sum of squares with the gain that best
     scales it onto ``x`` (least squares, sign free; or the fixed gain), as :meth:`_Model.source`
-    shifts and baseline-corrects. ``(B,)``; a candidate whose simulation is not finite gets the
-    range's midpoint."""
+    shifts and baseline-corrects. Returns the latencies ``(B,)`` (a candidate whose simulation is
+    not finite gets the range's midpoint) and, with a fitted gain, the least-squares gain at each
+    (``(B,)``, NaN where not finite; for :func:`_starts`, which then simulates nothing again)."""
     lo, hi = space.latency
     fs = model.protocol.fs
     grid = lo + np.arange(int(math.floor((hi - lo) * fs + 1e-9)) + 1) / fs
     times = np.asarray(model.protocol.times, np.float64)
     t0 = float(model.sim_protocol.times[0])
     best = np.full(len(theta), 0.5 * (lo + hi))
+    proj = np.full(len(theta), np.nan)
     for s0 in range(0, len(theta), chunk):
         sim = np.asarray(model.source(jnp.asarray(theta[s0:s0 + chunk], jnp.float32), None), np.float64)
         n_sim = sim.shape[1]
-        scores = np.empty((len(grid), len(sim)))
+        scores, gains = np.empty((len(grid), len(sim))), np.empty((len(grid), len(sim)))
         for j, tau in enumerate(grid):
             pos = np.clip((times - tau - t0) * fs, 0, n_sim - 1)
             i0 = np.minimum(np.floor(pos).astype(int), n_sim - 2)
@@ -676,24 +678,30 @@ def _profile_latency(space: _Space, model: "_Model", x, theta, chunk: int = 1024
                 m = m - m[:, : model.n_pre].mean(axis=1, keepdims=True)
             with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
                 if space.gain:
-                    scores[j] = np.sum(x**2) - (m @ x) ** 2 / np.sum(m**2, axis=1)
+                    gains[j] = (m @ x) / np.sum(m**2, axis=1)
+                    scores[j] = np.sum(x**2) - gains[j] * (m @ x)
                 else:
                     scores[j] = np.sum((x - space.fixed_gain * m) ** 2, axis=1)
         scores = np.where(np.isfinite(scores), scores, np.inf)
         ok = np.isfinite(scores).any(axis=0)
-        best[s0:s0 + chunk] = np.where(ok, grid[np.argmin(scores, axis=0)], best[s0:s0 + chunk])
-    return best
+        j_best = np.argmin(scores, axis=0)
+        best[s0:s0 + chunk] = np.where(ok, grid[j_best], best[s0:s0 + chunk])
+        if space.gain:
+            proj[s0:s0 + chunk] = np.where(ok, gains[j_best, np.arange(len(sim))], np.nan)
+    return best, proj
 
 
-def _starts(space: _Space, comp, x, theta0, lat0):
+def _starts(space: _Space, comp, x, theta0, lat0, proj=None):
     """Start points ``z (K, d)`` and gain signs ``(K,)``: theta as given, latency ``lat0``, and the
-    gain that best scales each start's model ERP onto ``x`` (least squares), clipped into its range."""
+    gain that best scales each start's model ERP onto ``x`` (least squares; ``proj`` when already
+    computed, see :func:`_profile_latency`), clipped into its range."""
     u0, sign = [theta0], np.ones(len(theta0))
     if space.gain:
-        m0 = np.asarray(comp["model"].source(jnp.asarray(theta0, jnp.float32),
-                                             None if lat0 is None else jnp.asarray(lat0, jnp.float32)), np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            proj = (m0 @ x) / np.maximum(np.sum(m0**2, axis=1), 1e-30)
+        if proj is None:
+            m0 = np.asarray(comp["model"].source(jnp.asarray(theta0, jnp.float32),
+                                                 None if lat0 is None else jnp.asarray(lat0, jnp.float32)), np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):
+                proj = (m0 @ x) / np.maximum(np.sum(m0**2, axis=1), 1e-30)
         proj = np.where(np.isfinite(proj) & (proj != 0), proj, space.gain[0] * 10)
         sign = np.sign(proj)
         a, b = np.log(space.gain)

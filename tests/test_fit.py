@@ -337,7 +337,7 @@ def test_screen_profiles_each_candidates_latency():
     latency = 0.03  # 6 samples at 200 Hz
     x = -2e-3 * np.asarray(model.source(jnp.asarray(THETA0, jnp.float32), jnp.asarray([latency], jnp.float32)),
                            np.float64)[0]
-    best = _fit._profile_latency(space, model, x, theta)
+    best, gain = _fit._profile_latency(space, model, x, theta)
     assert best[0] == pytest.approx(latency, abs=1e-9)
     grid = np.arange(0, 13) / PROTOCOL.fs
     ss = np.empty((len(grid), len(theta)))
@@ -346,6 +346,7 @@ def test_screen_profiles_each_candidates_latency():
         ss[j] = np.sum(x**2) - (m @ x) ** 2 / np.sum(m**2, axis=1)
     chosen = ss[np.round(best * PROTOCOL.fs).astype(int), np.arange(len(theta))]
     assert np.all(chosen <= ss.min(axis=0) * (1 + 1e-4) + 1e-12), (chosen, ss.min(axis=0))
+    assert gain[0] == pytest.approx(-2e-3, rel=1e-5)  # the least-squares gain at the true latency
 
 
 def test_a_map_on_the_prior_bound_is_reported(observation, result):
