@@ -24,8 +24,12 @@ Real: mode 1 of ``jr_jax.eeg.signal_from_evoked`` for each condition of
 ``jr_jax.eeg.sample_recording()`` (noise SD from the baseline, gain and latency fitted): reduced
 chi-square, R², the starts' agreement (modes, converged starts), ESS, sampler, time. The first real
 fit compiles the recording's model (free gain and latency) and is marked so. The real recording
-runs first, and the JSON is written after it and after each SNR (``"complete": false`` until the
-end), so that a run stopped early keeps what it measured.
+runs first, and the JSON is written after it and after every simulated fit (``"complete": false``
+until the end), so that a run stopped early keeps what it measured; ``--resume`` goes on from those
+fits (the same arguments give the same ERPs, noise and keys; the rows are checked against them,
+and the source of the modules the fit runs on must be unchanged: ``FIT_MODULES``).
+Each fit records its wall time, the process' CPU time and the load average, so that a fit slowed
+by other work on the machine can be told apart.
 
 Targets (docs: the fit's targets): simulated, median reduced chi-square <= 1.1 from the amortised
 starts at <= 10 s per recording on a 2-core CPU; real, posterior predictive reduced chi-square
@@ -33,7 +37,7 @@ starts at <= 10 s per recording on a 2-core CPU; real, posterior predictive redu
 MEASURED where its condition (an estimator) is absent.
 
     python benchmarks/fit.py [--n 200] [--snrs 30 10] [--model DIR [--train N]] [--n-starts K]
-                             [--smc-particles 1000] [--no-real] [--note TEXT]
+                             [--smc-particles 1000] [--no-real] [--note TEXT] [--resume]
 
 ``--train N`` with ``--model DIR`` trains that estimator first when DIR does not exist: N
 noise-free ERPs on the protocol from ``jr_jax.Prior()``, ``jr_jax.train(kind="posterior")`` (the reproduction's encoder) with
@@ -87,6 +91,24 @@ def _waveform_r2(x, fitted):
     return 1.0 - float(np.sum((x - fitted) ** 2)) / float(np.sum((x - x.mean()) ** 2))
 
 
+#: the modules that ``jr_jax.fit`` and ``jr_jax.Estimator`` import: the code behind every figure here
+FIT_MODULES = ("_estimator", "_fit", "_flow", "_likelihood", "_model", "_nn", "_params", "_simulate", "_solve")
+
+
+def _source_digest() -> str:
+    """SHA-256 of the source of :data:`FIT_MODULES`: a resumed run must fit with the code its first
+    part used."""
+    import hashlib
+
+    import jr_jax
+
+    root = Path(jr_jax.__file__).parent
+    h = hashlib.sha256()
+    for name in FIT_MODULES:
+        h.update(name.encode() + b"\0" + (root / f"{name}.py").read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _chi2_reduced(x, fitted, noise_sd, d):
     x, fitted = np.asarray(x, np.float64), np.asarray(fitted, np.float64)
     return float(np.sum((x - fitted) ** 2) / noise_sd**2 / max(len(x) - d, 1))
@@ -117,7 +139,7 @@ def _status(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def simulated(args, prior, protocol, estimator, fit_kw, key, checkpoint=lambda out: None):
+def simulated(args, prior, protocol, estimator, fit_kw, key, checkpoint=lambda out: None, done=None):
     import jax
 
     import jr_jax
@@ -144,10 +166,16 @@ def simulated(args, prior, protocol, estimator, fit_kw, key, checkpoint=lambda o
     out = dict(n_drawn=drawn, n_discarded=n_discarded, clean_rms_median_mv=float(np.median(rms)), snr={})
     rng = np.random.default_rng(args.seed)
     first_done = False
+    state = {}  # per SNR: noise SD, noisy ERPs, amortised estimates, fits so far
     for snr in args.snrs:
         sd = rms / 10 ** (snr / 20)
         noisy = clean + rng.standard_normal(clean.shape) * sd[:, None]
-        per = []
+        per = [r for r in (done or {}).get(f"{snr:g}", []) if r["index"] < args.n]
+        for r in per:  # a resumed run: the rows must be of these ERPs
+            if not np.allclose(r["truth"], theta[r["index"]], rtol=1e-6) or not np.isclose(r["noise_sd"], sd[r["index"]]):
+                raise SystemExit(f"--resume: the row {r['index']} at {snr:g} dB of {args.out} is of another ERP")
+        if per:
+            print(f"  {snr:g} dB: {len(per)} fits resumed from {args.out}", flush=True)
         amort = None
         if estimator is not None:
             t0 = time.perf_counter()
@@ -159,11 +187,23 @@ def simulated(args, prior, protocol, estimator, fit_kw, key, checkpoint=lambda o
             amort = dict(theta=theta_a, seconds_per_recording=t_amort,
                          r2=[_waveform_r2(x, e) for x, e in zip(noisy, erp_a)],
                          chi2=[_chi2_reduced(x, e, s, d) for x, e, s in zip(noisy, erp_a, sd)])
-        for i in range(args.n):
+        state[snr] = dict(sd=sd, noisy=noisy, amort=amort, per=per)
+        if per:
+            out["snr"][f"{snr:g}"] = _snr_summary(per, theta, prior, sd, amort)
+
+    # ERP by ERP, every SNR in turn: a run stopped early has its fits spread evenly over the SNRs
+    for i in range(args.n):
+        for snr in args.snrs:
+            st = state[snr]
+            if any(r["index"] == i for r in st["per"]):
+                continue
+            sd, noisy = st["sd"], st["noisy"]
             k = jax.random.fold_in(key, int(snr * 1000) * 100003 + i)
+            cpu0, load0 = time.process_time(), os.getloadavg()[0]
             res, wall, msgs = _fit_one(noisy[i], protocol, noise_sd=float(sd[i]), estimator=estimator, key=k,
                                        fit_kw=fit_kw)
             row = dict(index=i, snr_db=snr, noise_sd=float(sd[i]), first_call=not first_done, wall_s=wall,
+                       cpu_s=time.process_time() - cpu0, load_average=[load0, os.getloadavg()[0]],
                        total_s=res.diagnostics["total_s"], solve_s=res.diagnostics["solve_s"],
                        posterior_s=res.diagnostics["posterior_s"], r2=res.r2, r2_map=res.r2_map,
                        r2_clean=_waveform_r2(clean[i], res.erp_fit), chi2_reduced=res.chi2_reduced,
@@ -174,45 +214,61 @@ def simulated(args, prior, protocol, estimator, fit_kw, key, checkpoint=lambda o
                        map=[float(res.params[n]) for n in names], mean=res.samples[:, :d].mean(axis=0),
                        truth=theta[i], warnings=msgs)
             first_done = True
-            per.append(row)
+            st["per"].append(row)
             print(f"  {snr:g} dB #{i:3d}: chi2 {res.chi2_reduced:6.3f} (MAP {res.chi2_reduced_map:6.3f})  R2 "
                   f"{res.r2:6.3f}  {row['converged']}/{row['n_starts']} conv, {res.n_modes} mode(s), {res.sampler}, "
                   f"ESS {res.ess:6.0f}  {wall:6.1f} s{'  (compile+first)' if row['first_call'] else ''}", flush=True)
-
-        truth = theta
-        est = {"fit MAP": np.array([r["map"] for r in per]), "fit mean": np.array([r["mean"] for r in per])}
-        if amort is not None:
-            est = {"amortised": amort["theta"], **est}
-        param_r2 = {m: dict(zip(names, jr_jax.parameter_metrics(truth, e, prior.lows, prior.highs)["r2"]))
-                    for m, e in est.items()}
-        timed = [r for r in per if not r["first_call"]]
-        first = [r for r in per if r["first_call"]]
-        methods = {}
-        if amort is not None:
-            methods["amortised"] = dict(waveform_r2=_summary_stats(amort["r2"]), chi2_reduced=_summary_stats(amort["chi2"]),
-                                        seconds_per_recording=amort["seconds_per_recording"])
-        methods["fit MAP"] = dict(waveform_r2=_summary_stats([r["r2_map"] for r in per]),
-                                  chi2_reduced=_summary_stats([r["chi2_reduced_map"] for r in per]))
-        methods["fit mean"] = dict(waveform_r2=_summary_stats([r["r2"] for r in per]),
-                                   waveform_r2_vs_clean=_summary_stats([r["r2_clean"] for r in per]),
-                                   chi2_reduced=_summary_stats([r["chi2_reduced"] for r in per]))
-        out["snr"][f"{snr:g}"] = dict(
-            noise_sd_median_mv=float(np.median(sd)), parameter_r2=param_r2, methods=methods,
-            timing=dict(n_timed=len(timed), total_s=_summary_stats([r["total_s"] for r in timed]),
-                        wall_s=_summary_stats([r["wall_s"] for r in timed]),
-                        solve_s=_summary_stats([r["solve_s"] for r in timed]),
-                        posterior_s=_summary_stats([r["posterior_s"] for r in timed]),
-                        compile_plus_first_s=first[0]["wall_s"] if first else None),
-            samplers={s: sum(r["sampler"] == s for r in per) for s in sorted({r["sampler"] for r in per})},
-            all_starts_converged=sum(r["converged"] == r["n_starts"] for r in per),
-            none_converged=sum(r["converged"] == 0 for r in per),
-            several_modes=sum(r["n_modes"] > 1 for r in per),
-            map_worse_than_mean=sum(r["chi2_reduced_map"] > r["chi2_reduced"] for r in per),
-            ess=_summary_stats([r["ess"] for r in per]),
-            misfit_warnings=sum(any("MisspecificationWarning" in m for m in r["warnings"]) for r in per),
-            fits=per)
-        checkpoint(out)
+            out["snr"][f"{snr:g}"] = _snr_summary(st["per"], theta, prior, sd, st["amort"])
+            checkpoint(out)  # after every fit: a run stopped early keeps its fits and --resume goes on from them
+    for snr in args.snrs:
+        st = state[snr]
+        out["snr"][f"{snr:g}"] = _snr_summary(st["per"], theta, prior, st["sd"], st["amort"])
+    checkpoint(out)
     return out
+
+
+def _snr_summary(per, theta, prior, sd, amort) -> dict:
+    """The figures of one SNR from its fits so far (``per``: rows in any order, each with its ERP's
+    ``index``); the amortised column over the same ERPs."""
+    import jr_jax
+
+    names, d = tuple(prior.names), len(prior.names)
+    per = sorted(per, key=lambda r: r["index"])
+    idx = np.array([r["index"] for r in per])
+    est = {"fit MAP": np.array([r["map"] for r in per], np.float64).reshape(-1, d),
+           "fit mean": np.array([r["mean"] for r in per], np.float64).reshape(-1, d)}
+    if amort is not None:
+        est = {"amortised": amort["theta"][idx], **est}
+    param_r2 = {m: dict(zip(names, jr_jax.parameter_metrics(theta[idx], e, prior.lows, prior.highs)["r2"]))
+                for m, e in est.items()} if len(per) >= 2 else {}
+    timed = [r for r in per if not r["first_call"]]
+    first = [r for r in per if r["first_call"]]
+    methods = {}
+    if amort is not None:
+        methods["amortised"] = dict(waveform_r2=_summary_stats(np.asarray(amort["r2"])[idx]),
+                                    chi2_reduced=_summary_stats(np.asarray(amort["chi2"])[idx]),
+                                    seconds_per_recording=amort["seconds_per_recording"])
+    methods["fit MAP"] = dict(waveform_r2=_summary_stats([r["r2_map"] for r in per]),
+                              chi2_reduced=_summary_stats([r["chi2_reduced_map"] for r in per]))
+    methods["fit mean"] = dict(waveform_r2=_summary_stats([r["r2"] for r in per]),
+                               waveform_r2_vs_clean=_summary_stats([r["r2_clean"] for r in per]),
+                               chi2_reduced=_summary_stats([r["chi2_reduced"] for r in per]))
+    return dict(
+        n_fits=len(per), noise_sd_median_mv=float(np.median(sd)), parameter_r2=param_r2, methods=methods,
+        timing=dict(n_timed=len(timed), total_s=_summary_stats([r["total_s"] for r in timed]),
+                    wall_s=_summary_stats([r["wall_s"] for r in timed]),
+                    cpu_s=_summary_stats([r["cpu_s"] for r in timed if r.get("cpu_s") is not None]),
+                    solve_s=_summary_stats([r["solve_s"] for r in timed]),
+                    posterior_s=_summary_stats([r["posterior_s"] for r in timed]),
+                    compile_plus_first_s=first[0]["wall_s"] if first else None),
+        samplers={s: sum(r["sampler"] == s for r in per) for s in sorted({r["sampler"] for r in per})},
+        all_starts_converged=sum(r["converged"] == r["n_starts"] for r in per),
+        none_converged=sum(r["converged"] == 0 for r in per),
+        several_modes=sum(r["n_modes"] > 1 for r in per),
+        map_worse_than_mean=sum(r["chi2_reduced_map"] > r["chi2_reduced"] for r in per),
+        ess=_summary_stats([r["ess"] for r in per]),
+        misfit_warnings=sum(any("MisspecificationWarning" in m for m in r["warnings"]) for r in per),
+        fits=per)
 
 
 def train_estimator(args, prior, protocol, key) -> dict:
@@ -295,7 +351,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="a remark stored with the results (e.g. the machine was shared)")
     ap.add_argument("--out", default="benchmarks/results/fit.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on from the fits already in --out (a run of the same arguments stopped early)")
     args = ap.parse_args()
+    source = _source_digest()
+    previous = None
+    if args.resume and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        same = lambda a: {k: v for k, v in a.items() if k not in ("resume", "note")}  # noqa: E731
+        if same(previous.get("arguments", {})) != same(_jsonable(vars(args))):
+            ap.error(f"--resume: {args.out} was written with other arguments: "
+                     f"{previous.get('command')!r}; rerun with those, or without --resume")
+        if previous.get("source_sha256") != source:
+            ap.error(f"--resume: the source of jr_jax's fit ({', '.join(FIT_MODULES)}) changed since {args.out} "
+                     "was started (its rows would mix two versions); start a new run without --resume")
     if args.n < 2:
         ap.error("--n must be >= 2 (parameter R² needs two ERPs)")
 
@@ -315,6 +384,8 @@ def main():
     trained = None
     if args.train and not args.model:
         ap.error("--train needs --model DIR (where the trained estimator is saved)")
+    if previous is not None:
+        trained = previous.get("estimator_training")
     if args.train and not Path(args.model).exists():
         trained = train_estimator(args, prior, protocol, jax.random.fold_in(jax.random.key(args.seed), 3))
     if args.model:
@@ -337,6 +408,8 @@ def main():
                      "and the fits start from prior draws, so the amortised-start target is not measured")
     if args.note:
         notes.append(args.note)
+    if previous is not None:
+        notes = [n for n in previous.get("notes", []) if n not in notes] + notes
     for n in notes:
         print("note:", n, flush=True)
 
@@ -348,7 +421,12 @@ def main():
                      jr_jax=jr_jax.__version__, load_average_start=load_start),
         notes=notes, protocol=protocol.to_dict(), recording_protocol_same_grid=same_grid,
         prior=prior.to_dict(), fit_options=fit_kw, estimator=args.model, estimator_training=trained,
+        source_sha256=source,
     )
+    if previous is not None:  # resumed: the first start's date and machine stay, each resumption is listed
+        result["date_utc"] = previous["date_utc"]
+        result["resumed_utc"] = previous.get("resumed_utc", []) + [started.isoformat(timespec="seconds")]
+        result["machine"]["load_average_start"] = previous["machine"].get("load_average_start")
     if not same_grid:
         print(f"note: the simulated protocol differs from the recording's grid ({rec_protocol.fs:g} Hz, "
               f"{rec_protocol.tmin} to {rec_protocol.tmax} s)", flush=True)
@@ -358,12 +436,18 @@ def main():
         report(result, args, prior, estimator, notes, t_run, final=False)
 
     if not args.no_real:  # first: four fits, so that a run stopped early still has them
-        print("real recording, mode 1:", flush=True)
-        result["real"] = real(args, fit_kw, jax.random.fold_in(key, 2))
-        report(result, args, prior, estimator, notes, t_run, final=False)
+        if previous is not None and "real" in previous:
+            print("real recording: resumed", flush=True)
+            result["real"] = previous["real"]
+        else:
+            print("real recording, mode 1:", flush=True)
+            result["real"] = real(args, fit_kw, jax.random.fold_in(key, 2))
+            report(result, args, prior, estimator, notes, t_run, final=False)
     if not args.no_sim:
+        done = None if previous is None else {snr: v["fits"] for snr, v in previous.get("simulated", {}).get("snr",
+                                                                                                              {}).items()}
         result["simulated"] = simulated(args, prior, protocol, estimator, fit_kw, jax.random.fold_in(key, 1),
-                                        checkpoint)
+                                        checkpoint, done)
     report(result, args, prior, estimator, notes, t_run, final=True)
 
 
@@ -425,7 +509,7 @@ def report(result, args, prior, estimator, notes, t_run, *, final: bool):
             chi2_med = s["methods"]["fit mean"]["chi2_reduced"]["median"]
             t_med = s["timing"]["total_s"]["median"]
             ok = chi2_med is not None and chi2_med <= TARGET_SIM_CHI2 and t_med is not None and t_med <= TARGET_SIM_SECONDS
-            figure = f"median chi2_reduced {chi2_med:.3f}, median {t_med:.1f} s per recording" \
+            figure = f"median chi2_reduced {chi2_med:.3f}, median {t_med:.1f} s per recording ({s['n_fits']} fits)" \
                 if chi2_med is not None and t_med is not None else "not enough fits"
             if estimator is not None:
                 targets.append(dict(target=f"simulated {snr} dB: median chi2_reduced <= {TARGET_SIM_CHI2} from amortised "
