@@ -546,7 +546,9 @@ def report(result, args, prior, estimator, notes, t_run, *, final: bool):
         print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    tmp = out.with_name(out.name + ".partial")  # written whole, then renamed: a run killed mid-write keeps the last
+    tmp.write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    os.replace(tmp, out)
     if final:
         print(f"\nwrote {out} ({result['seconds']:.0f} s)")
 

@@ -30,6 +30,16 @@ def test_the_installed_command_prints_its_help():
     assert out.returncode == 2 and "n must be an integer >= 1" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_the_command_line_imports_no_numerical_library_until_a_command_needs_it():
+    """``jr-jax --help`` and argument errors answer without importing JAX, NumPy or MNE (their
+    import took about 4 s): importing the CLI module and building its parser loads none of them."""
+    code = ("import sys, jr_jax.cli as c; c._parser(); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'numpy', 'mne', 'equinox', "
+            "'diffrax', 'optax', 'zarr', 'dask')); print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_the_installed_command_simulates_on_every_core(tmp_path):
     """In a fresh process jr-jax exposes each CPU core as a JAX device before JAX starts (only a
     real process shows this: in-process calls find JAX already started)."""

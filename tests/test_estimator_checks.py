@@ -235,3 +235,17 @@ def test_sample_refuses_an_erp_made_with_another_protocol(trained):
         est.sample(erp, 5, key=key, fs=200.0, protocol=gaussian, check_distribution=False)
     with pytest.raises(ValueError, match="stimulus.shape: 'rect' vs 'gaussian'"):
         est.predict_array(erp, protocol=gaussian)  # a posterior's predict is the mean of its draws
+
+
+def test_predict_refuses_an_erp_with_a_dc_offset(trained):
+    """A baseline-corrected model refuses an ERP whose pre-stimulus mean is not ~0: here each ERP
+    shifted by twice its own RMS (the RMS stays within the training range, so only the baseline
+    check can catch it); the unshifted ERPs are answered."""
+    est, ds, _ = trained
+    erp = np.asarray(ds.erp[:3], np.float64)
+    assert est.predict_array(erp).shape == (3, 2)
+    rms = np.sqrt(np.mean(erp**2, axis=1, keepdims=True))
+    with pytest.raises(ValueError, match=r"erp sample 0 has a pre-stimulus mean of .* baseline-corrected"):
+        est.predict(erp + 2 * rms)
+    with pytest.raises(ValueError, match=r"erp sample 1 has a pre-stimulus mean"):
+        est.predict_array(np.concatenate([erp[:1], erp[1:2] - 2 * rms[1:2]]))

@@ -364,3 +364,25 @@ def test_a_map_on_the_prior_bound_is_reported(observation, result):
     assert res.diagnostics["map_at_bound"] == ["b_i"]
     frac = (res.params["b_i"] - 25.0) / 50.0
     assert min(frac, 1 - frac) < _fit._BOUND_FRACTION
+
+
+def test_an_estimator_of_another_protocol_or_kind_is_refused(observation):
+    """fit compares the estimator's recorded protocol with the ERP's and names the difference; a
+    point estimator cannot give the starts' draws. Both are refused before anything is computed."""
+    from jr_jax._flow import PosteriorNet
+
+    x, sd, _, _ = observation
+    net = PosteriorNet(1, 2, encoder=dict(hidden=8), embed_dim=4, flow_layers=2, knots=4, nn_width=16,
+                       key=jax.random.key(3))
+    other = PROTOCOL.replace(stimulus=jr_jax.Stimulus(amplitude=120.0))
+    manifest = dict(kind="posterior", encoder=net.config, names=list(PRIOR.names), units=list(PRIOR.units),
+                    lows=PRIOR.lows.tolist(), highs=PRIOR.highs.tolist(), fs=200.0, tmin=-0.1, tmax=0.3, n_times=81,
+                    n_channels=1, n_trials=1, baseline=True, rms_range_mv=[1e-3, 1e3], protocol=other.to_dict(),
+                    prior=PRIOR.to_dict())
+    est = jr_jax.Estimator(net, jnp.zeros(1), jnp.ones(1), manifest)
+    with pytest.raises(ValueError, match=r"trained on another protocol than this ERP's \(estimator vs ERP\): "
+                                         r"stimulus\.amplitude: 120\.0 vs 60\.0"):
+        jr_jax.fit(x, PROTOCOL, noise_sd=sd, estimator=est, key=jax.random.key(0))
+    point = jr_jax.Estimator(net, jnp.zeros(1), jnp.ones(1), {**manifest, "kind": "point"})
+    with pytest.raises(TypeError, match="must be a posterior estimator"):
+        jr_jax.fit(x, PROTOCOL, noise_sd=sd, estimator=point, key=jax.random.key(0))
