@@ -278,16 +278,7 @@ def study_report(page: Path) -> str:
              f"{rt['n_train']} ERPs with SNRs drawn in {cfg['robust_snr_db'][0]:g}–{cfg['robust_snr_db'][1]:g} dB. "
              f"All steps took {res['meta']['seconds_all_steps'] / 60:.0f} min on the 2-core development CPU. Test split: "
              f"{d[res['test_dataset']]['test']} ERPs.", "",
-             "| at 30 dB | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    lines.append("| jr_jax Pearson r (noise-robust model) | " + " | ".join(f"{val('jr_jax Bi-LSTM', 30.0, p, 'pearson'):.2f}" for p in names) + " |")
-    lines.append("| study's best Pearson r (its transformer, at about 50 dB) | " + " | ".join(f"{study[p]:.2f}" for p in names) + " |")
-    lines.append("| jr_jax R² | " + " | ".join(f"{val('jr_jax Bi-LSTM', 30.0, p, 'r2'):.2f}" for p in names) + " |")
-    lines.append("| ridge R² | " + " | ".join(f"{val('ridge', 30.0, p, 'r2'):.2f}" for p in names) + " |")
-    beats = [p for p in names if val("jr_jax Bi-LSTM", 30.0, p, "pearson") >= study[p]]
-    lines += ["", f"At 30 dB jr_jax's Pearson r reaches or exceeds the study's best published one on {len(beats)} of "
-              f"{len(names)} parameters" + (f" (not on: {', '.join(p for p in names if p not in beats)})" if len(beats) < len(names) else "")
-              + "; the study's figures are at about 50 dB, so this is not a comparison at matched SNR, and R² "
-              "(the jr_jax R² row) says more than r about how close the estimates are.", ""]
+             ] + _headline_comparison(res)
     g = res["grid"]
     levels = g["test_levels_db"]
     lab = lambda s: "clean" if s is None else f"{s:g} dB"  # noqa: E731
@@ -328,29 +319,53 @@ def readme_timing(page: Path) -> str:
 
 
 def readme_result(page: Path) -> str:
-    """The README's one result table: the study preset's noise-robust model at 30 dB, and its figure."""
+    """The README's one result table: the study preset's noise-robust model at the report's headline
+    SNR (the study's, about 50 dB, when the run tested it), and its figure."""
     res = _study()
-    names = res["meta"]["prior"]["names"]
-    rows = res["robust"]["rows"]
-    study = res["study"]["pearson"]
-
-    def val(method, p, metric):
-        return next(r[metric] for r in rows if r["method"] == method and r["snr_db"] == 30.0 and r["parameter"] == p)
-
-    n_test = res["data"][res["test_dataset"]]["test"]
-    return "\n".join([
-        f"| at 30 dB, {n_test} test ERPs | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names),
-        "| jr_jax Pearson r (noise-robust model) | " + " | ".join(f"{val('jr_jax Bi-LSTM', p, 'pearson'):.2f}" for p in names) + " |",
-        "| jr_jax R² | " + " | ".join(f"{val('jr_jax Bi-LSTM', p, 'r2'):.2f}" for p in names) + " |",
-        "| ridge R² | " + " | ".join(f"{val('ridge', p, 'r2'):.2f}" for p in names) + " |",
-        "| study's best Pearson r (its transformer, at about 50 dB: not the same SNR) | "
-        + " | ".join(f"{study[p]:.2f}" for p in names) + " |",
-        "",
+    return "\n".join(_headline_comparison(res) + [
         f"All steps took {res['meta']['seconds_all_steps'] / 60:.0f} min on the 2-core development CPU "
         f"(report: [`docs/study/report.md`]({link('docs/study/report.md', page)})).",
         "",
         f"![r and R² against SNR]({link('docs/study/figures/metric_vs_snr.png', page)})",
     ])
+
+
+def _headline_comparison(res) -> list[str]:
+    """The noise-robust model against the study's best published Pearson r, at the report's headline
+    SNR: with the Fisher-z comparison of the report when that is the study's SNR, else said to be
+    at another SNR."""
+    from jr_jax._report import POINT, _compare_r, _headline, _metric
+
+    names = res["meta"]["prior"]["names"]
+    rows = res["robust"]["rows"]
+    study = res["study"]
+    snr = _headline(res)
+    n_test = res["data"][res["test_dataset"]]["test"]
+    matched = snr == study.get("snr_db")
+    r = {p: _metric(rows, POINT, snr, p, "pearson") for p in names}
+    r2 = {p: _metric(rows, POINT, snr, p, "r2") for p in names}
+    head = f"at {snr:g} dB" if snr is not None else "clean"
+    lines = [f"| {head}, {n_test} test ERPs | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names),
+             "| jr_jax Pearson r (noise-robust model) | " + " | ".join(f"{r[p]:.2f}" for p in names) + " |",
+             "| jr_jax R² | " + " | ".join(f"{r2[p]:.2f}" for p in names) + " |",
+             "| ridge R² | " + " | ".join(f"{_metric(rows, 'ridge', snr, p, 'r2'):.2f}" for p in names) + " |",
+             f"| study's best Pearson r (its transformer, about {study.get('snr_db', 50):g} dB"
+             + ("" if matched else ": not the same SNR") + ") | " + " | ".join(f"{study['pearson'][p]:.2f}" for p in names) + " |"]
+    if matched:
+        cmp = {p: _compare_r(r[p], study["pearson"][p], n_test, study["n_test"]) for p in names}
+        lines.append("| r against the study's (Fisher z, 5 %) | " + " | ".join(cmp[p] for p in names) + " |")
+        higher = [p for p in names if cmp[p] == "higher"]
+        lower = [p for p in names if cmp[p] == "lower"]
+        text = (f"At the study's SNR jr_jax's Pearson r is higher than its best published one on {len(higher)} of "
+                f"{len(names)} parameters" + (f", lower on {', '.join(lower)}" if lower else "")
+                + f" (two independent correlations, {n_test} against about {study['n_test']} test ERPs); "
+                "R² says more than r about how close the estimates are: "
+                + (f"below 0.1 on {', '.join(p for p in names if r2[p] < 0.1)}." if any(r2[p] < 0.1 for p in names)
+                   else "at least 0.1 on every parameter."))
+    else:
+        text = (f"This run has no {study.get('snr_db', 50):g} dB test level, so jr_jax's r is not compared with the "
+                "study's; R² says more than r about how close the estimates are.")
+    return lines + ["", text, ""]
 
 
 def test_suite_timing(page: Path) -> str:

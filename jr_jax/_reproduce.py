@@ -89,7 +89,7 @@ class ReproduceConfig:
 _ENCODER = dict(hidden=64, layers=1, dropout=0.1, conv_channels=32, conv_kernel=16, conv_stride=16)
 
 PRESETS = {
-    # about 2.5 minutes of steps on a quiet 2-core CPU (benchmarks/reproduce_quick.py): enough data
+    # 3.7 min of steps on a 2-core CPU (benchmarks/results/reproduce_quick.json; README): enough data
     # that A_i and b_i are clearly recovered, and a calibrated posterior on 1000 held-out ERPs
     "quick": ReproduceConfig(
         preset="quick", n_levels=10000, train_levels_db=(None, 20.0, 0.0), test_levels_db=TEST_LEVELS_DB,

@@ -294,3 +294,14 @@ print(json.dumps([len(jax.local_devices())] + [h["val_loss"] for h in history]))
     data = TrainingData.from_arrays(theta, erp, names=("f", "tau"), lows=(2, 0.3), highs=(10, 1.0), fs=100.0)
     _, history = train(data, kind="point", snr_db=20.0, encoder=dict(hidden=16), epochs=3, progress=False)
     np.testing.assert_allclose(split, [h["val_loss"] for h in history], rtol=1e-3)
+
+
+def test_the_expected_duration_is_the_first_epochs_time_times_the_epochs_left():
+    """The line printed after the first epoch: 60 s for 6000 samples is 100 samples/s, and 59 more
+    epochs at most 59 min (shown in s below 90 s, in h from 90 min)."""
+    from jr_jax._train import _expected_duration
+
+    line = _expected_duration(60.0, 59, 6000)
+    assert "first epoch: 60 s (100 samples/s" in line and "the other 59 epochs at most: about 59 min" in line
+    assert "about 80 s" in _expected_duration(40.0, 2, 100)
+    assert "about 1.6 h" in _expected_duration(60.0, 95, 100)
