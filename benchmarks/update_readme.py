@@ -254,6 +254,66 @@ def multichannel_table(page: Path) -> str:
     return "\n".join(out)
 
 
+def _fit_benchmark():
+    """benchmarks/fit.py as a module (its targets and its rule for timed fits)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fit_benchmark", ROOT / "benchmarks" / "fit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fit_simulated_table(page: Path) -> str:
+    """jr_jax.fit on the simulated ERPs of ``benchmarks/fit.py`` (the 200-ERP run, possibly still
+    partial: it resumes across sessions), from benchmarks/results/fit_simulated.json."""
+    path = RESULTS / "fit_simulated.json"
+    if not path.is_file():
+        return "(not run yet: see `benchmarks/fit.py --n 200`)"
+    fit_benchmark = _fit_benchmark()
+    d = json.loads(path.read_text())
+    sim, a = d["simulated"], d["arguments"]
+    names = d["prior"]["names"]
+    first = d["date_utc"][:10]
+    resumed = sorted({t[:10] for t in d.get("resumed_utc", [])} - {first})
+    n_done = {snr: v["n_fits"] for snr, v in sim["snr"].items()}
+    status = "complete" if d.get("complete") else "partial, to be resumed with `--resume`"
+    sim_stats = {}
+    command = d["command"].replace(" --resume", "").split(" --note")[0]
+    out = [f"`{command}`: {a['n']} simulated ERPs per SNR from `jr_jax.Prior()` "
+           f"(clean RMS median {sim['clean_rms_median_mv']:.2g} mV), {a['n_starts'] or 4} amortised starts, "
+           f"{a['smc_particles']} SMC particles; 2-core CPU, started {first}"
+           + (f", resumed {', '.join(resumed)}" if resumed else "") + f". Fits so far: "
+           + ", ".join(f"{n} of {a['n']} at {snr} dB" for snr, n in n_done.items()) + f" ({status}).", "",
+           "| SNR | fits | χ² median (q90) | waveform R² median | samplers | time per fit median (q90) | fits timed |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for snr, v in sim["snr"].items():  # from the fits' rows, with the benchmark's own rule for the timed ones
+        rows = v["fits"]
+        chi2 = np.array([r["chi2_reduced"] for r in rows])
+        starved = [r for r in rows if r.get("cpu_s") is not None and r["cpu_s"] < fit_benchmark.STARVED_CPU_FRACTION
+                   * r["wall_s"]]
+        secs = np.array([r["total_s"] for r in rows if not r["first_call"] and r not in starved])
+        samplers = ", ".join(f"{k.replace('laplace-importance', 'importance')} {sum(r['sampler'] == k for r in rows)}"
+                             for k in sorted({r["sampler"] for r in rows}))
+        timed = f"{len(secs)}" + (f" ({len(starved)} left out: CPU shared or paused)" if starved else "")
+        out.append(f"| {snr} dB | {len(rows)} | {np.median(chi2):.3f} ({np.quantile(chi2, 0.9):.3f}) | "
+                   f"{np.median([r['r2'] for r in rows]):.3f} | {samplers} | "
+                   f"{np.median(secs):.1f} s ({np.quantile(secs, 0.9):.1f} s) | {timed} |")
+        sim_stats[snr] = (len(rows), float(np.median(chi2)), float(np.median(secs)))
+    out += ["", "Parameter R² against the truth (the amortised posterior mean; the fit's MAP; the fit's posterior mean):", "",
+            "| SNR | estimate | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    for snr, v in sim["snr"].items():
+        for m, r2 in v["parameter_r2"].items():
+            out.append(f"| {snr} dB | {m} | " + " | ".join(f"{r2[n]:.2f}" for n in names) + " |")
+    out.append("")
+    for snr, (n, chi2_med, t_med) in sim_stats.items():
+        ok = chi2_med <= fit_benchmark.TARGET_SIM_CHI2 and t_med <= fit_benchmark.TARGET_SIM_SECONDS
+        out.append(f"- {'PASS' if ok else 'FAIL'} ({'so far, ' if n < a['n'] else ''}{n} fits) at {snr} dB: median "
+                   f"χ² ≤ {fit_benchmark.TARGET_SIM_CHI2} from amortised starts at ≤ {fit_benchmark.TARGET_SIM_SECONDS:g} s "
+                   f"a fit: χ² {chi2_med:.3f}, {t_med:.1f} s")
+    return "\n".join(out)
+
+
 def _study() -> dict:
     return json.loads((ROOT / "docs" / "study" / "results.json").read_text())
 
@@ -492,7 +552,8 @@ def identifiability_table(page: Path) -> str:
 TABLES = (("convergence-table", convergence_table), ("performance-table", performance_table),
           ("dataset-table", dataset_table), ("train-table", train_table), ("recovery-table", recovery_table),
           ("sensitivity-table", sensitivity_table), ("grid-table", grid_table),
-          ("multichannel-table", multichannel_table), ("study-report", study_report),
+          ("multichannel-table", multichannel_table), ("fit-simulated-table", fit_simulated_table),
+          ("study-report", study_report),
           ("identifiability-table", identifiability_table), ("posterior-table", posterior_table),
           ("reference-table", reference_table), ("time-to-accuracy-table", time_to_accuracy_table),
           ("readme-timing", readme_timing), ("readme-posterior", readme_posterior), ("readme-result", readme_result),
