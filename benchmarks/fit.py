@@ -95,6 +95,14 @@ def _waveform_r2(x, fitted):
 #: timings (a fit took 1.1-1.8 CPU-s per second of wall time on 2 cores with the machine to itself)
 STARVED_CPU_FRACTION = 0.5
 
+def timed_fits(rows) -> tuple[list, list]:
+    """The fit rows whose time counts, and those left out because the fit had the CPU for less
+    than :data:`STARVED_CPU_FRACTION` of its wall time (the run paused, or the machine busy with
+    other work). The run's first fit (compilation) is in neither."""
+    starved = [r for r in rows if r.get("cpu_s") is not None and r["cpu_s"] < STARVED_CPU_FRACTION * r["wall_s"]]
+    return [r for r in rows if not r["first_call"] and r not in starved], starved
+
+
 #: the modules that ``jr_jax.fit`` and ``jr_jax.Estimator`` import: the code behind every figure here
 FIT_MODULES = ("_estimator", "_fit", "_flow", "_likelihood", "_model", "_nn", "_params", "_simulate", "_solve")
 
@@ -245,10 +253,7 @@ def _snr_summary(per, theta, prior, sd, amort) -> dict:
         est = {"amortised": amort["theta"][idx], **est}
     param_r2 = {m: dict(zip(names, jr_jax.parameter_metrics(theta[idx], e, prior.lows, prior.highs)["r2"]))
                 for m, e in est.items()} if len(per) >= 2 else {}
-    # timed: neither the run's first fit (compilation) nor a fit that had the CPU for less than half
-    # its wall time (the run paused, or the machine busy with other work)
-    starved = [r for r in per if r.get("cpu_s") is not None and r["cpu_s"] < STARVED_CPU_FRACTION * r["wall_s"]]
-    timed = [r for r in per if not r["first_call"] and r not in starved]
+    timed, starved = timed_fits(per)
     first = [r for r in per if r["first_call"]]
     methods = {}
     if amort is not None:

@@ -290,9 +290,8 @@ def fit_simulated_table(page: Path) -> str:
     for snr, v in sim["snr"].items():  # from the fits' rows, with the benchmark's own rule for the timed ones
         rows = v["fits"]
         chi2 = np.array([r["chi2_reduced"] for r in rows])
-        starved = [r for r in rows if r.get("cpu_s") is not None and r["cpu_s"] < fit_benchmark.STARVED_CPU_FRACTION
-                   * r["wall_s"]]
-        secs = np.array([r["total_s"] for r in rows if not r["first_call"] and r not in starved])
+        timed_rows, starved = fit_benchmark.timed_fits(rows)
+        secs = np.array([r["total_s"] for r in timed_rows])
         samplers = ", ".join(f"{k.replace('laplace-importance', 'importance')} {sum(r['sampler'] == k for r in rows)}"
                              for k in sorted({r["sampler"] for r in rows}))
         timed = f"{len(secs)}" + (f" ({len(starved)} left out: CPU shared or paused)" if starved else "")
