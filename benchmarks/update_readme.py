@@ -283,18 +283,23 @@ def fit_simulated_table(page: Path) -> str:
     out = [f"`{command}`: {a['n']} simulated ERPs per SNR from `jr_jax.Prior()` "
            f"(clean RMS median {sim['clean_rms_median_mv']:.2g} mV), {a['n_starts'] or 4} amortised starts, "
            f"{a['smc_particles']} SMC particles; 2-core CPU, started {first}"
-           + (f", resumed {', '.join(resumed)}" if resumed else "") + f". Fits so far: "
+           + (f", resumed {', '.join(resumed)}" if resumed else "") + (". Fits: " if d.get("complete") else ". Fits so far: ")
            + ", ".join(f"{n} of {a['n']} at {snr} dB" for snr, n in n_done.items()) + f" ({status}).", "",
-           "| SNR | fits | χ² median (q90) | waveform R² median | samplers | time per fit median (q90) | fits timed |",
+           "| SNR | fits | χ² median (q90) | waveform R² median | samplers (their median time) | time per fit median (q90) | fits timed |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for snr, v in sim["snr"].items():  # from the fits' rows, with the benchmark's own rule for the timed ones
         rows = v["fits"]
         chi2 = np.array([r["chi2_reduced"] for r in rows])
         timed_rows, starved = fit_benchmark.timed_fits(rows)
         secs = np.array([r["total_s"] for r in timed_rows])
-        samplers = ", ".join(f"{k.replace('laplace-importance', 'importance')} {sum(r['sampler'] == k for r in rows)}"
-                             for k in sorted({r["sampler"] for r in rows}))
-        timed = f"{len(secs)}" + (f" ({len(starved)} left out: CPU shared or paused)" if starved else "")
+        samplers = ", ".join(
+            f"{k.replace('laplace-importance', 'importance')} {sum(r['sampler'] == k for r in rows)} "
+            f"({np.median([r['total_s'] for r in timed_rows if r['sampler'] == k]):.1f} s)"
+            for k in sorted({r["sampler"] for r in rows}))
+        n_first = sum(bool(r["first_call"]) for r in rows)
+        left = ([f"{n_first} first of a process: compilation"] if n_first else []) + (
+            [f"{len(starved)} CPU shared or paused"] if starved else [])
+        timed = f"{len(secs)}" + (f" (left out: {'; '.join(left)})" if left else "")
         out.append(f"| {snr} dB | {len(rows)} | {np.median(chi2):.3f} ({np.quantile(chi2, 0.9):.3f}) | "
                    f"{np.median([r['r2'] for r in rows]):.3f} | {samplers} | "
                    f"{np.median(secs):.1f} s ({np.quantile(secs, 0.9):.1f} s) | {timed} |")
@@ -358,9 +363,16 @@ def study_report(page: Path) -> str:
 
 
 def quick_timing(quick: dict) -> str:
-    """The quick preset's measured time, with the machine and the commands that measured it."""
-    out = (f"measured on {machine(quick.get('device'))}, its steps took {quick['wall_seconds'] / 60:.1f} min "
+    """The quick preset's measured time, with the machine, the date, the range over the recorded
+    runs and the commands that measured it."""
+    runs = quick.get("runs", [])
+    when = f" on {quick['date_utc'][:10]}" if "date_utc" in quick else ""
+    out = (f"measured on {machine(quick.get('device'))}, its steps took {quick['wall_seconds'] / 60:.1f} min{when} "
            f"(`python benchmarks/reproduce_quick.py`, peak RSS {quick['peak_rss_gib']:.1f} GiB)")
+    if len(runs) > 1:
+        minutes = [r["wall_seconds"] / 60 for r in runs]
+        out += (f"; {len(runs)} runs from {runs[0]['date_utc'][:10]} to {runs[-1]['date_utc'][:10]} took "
+                f"{min(minutes):.1f} to {max(minutes):.1f} min")
     if "readme_command_fresh_clone_seconds" in quick:
         fresh = quick["readme_command_fresh_clone_seconds"] / 60
         out += (" and, in a separate run, the whole first command in a fresh clone, install included, "
