@@ -2,7 +2,9 @@
 
 Runs the command as a user would (a subprocess, so that the CLI uses one host device per core), and
 records the wall time (target: 5 minutes), the peak RSS, the load average around the run (a box
-shared with other work runs slower), and the headline numbers of the report it wrote.
+shared with other work runs slower), and the headline numbers of the report it wrote. Each run is
+also appended, dated, to the file's ``runs``, so that the README gives the latest time with the range
+seen from one day to the next (this shared machine's speed varies by up to 2x).
 
     python benchmarks/reproduce_quick.py [--out /tmp/jr_jax_quick]
     python benchmarks/reproduce_quick.py --fresh-clone     # the README's first command, install included,
@@ -10,6 +12,7 @@ shared with other work runs slower), and the headline numbers of the report it w
 """
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -59,16 +62,31 @@ def main():
                    box_shared=load_before[0] > 0.5 or load_after[2] > cores + 0.5,
                    step_seconds=res["meta"]["step_seconds"], headline_snr_db=head, robust_r2=r2,
                    posterior_calibration=calibration, device=res["meta"]["device"], versions=res["meta"]["versions"])
+    summary["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    summary["commit"] = _commit()
     dest = ROOT / "benchmarks" / "results" / f"reproduce_{args.preset}.json"
+    runs = []
     if dest.exists():  # keep the fresh-clone timing of the README's command (--fresh-clone writes it)
         previous = json.loads(dest.read_text())
         summary.update({k: v for k, v in previous.items() if k.startswith("readme_command")})
+        runs = previous.get("runs", [])
+    summary["runs"] = runs + [{k: summary[k] for k in ("date_utc", "commit", "wall_seconds", "peak_rss_gib",
+                                                       "load_average_1min_before", "load_average_15min_after",
+                                                       "box_shared")}]
     dest.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"jr-jax reproduce --preset {args.preset}: {seconds:.0f} s wall (target <= 300 s), peak RSS {peak_gib:.2f} GiB, "
           f"load average {load_before[0]:.1f} before, {load_after[2]:.1f} over the last 15 min"
           + (" (the box was shared)" if summary["box_shared"] else ""))
     print(f"R² at {head:g} dB: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()))
     print(f"wrote {dest}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def fresh_clone():

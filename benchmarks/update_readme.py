@@ -372,15 +372,18 @@ def quick_timing(quick: dict) -> str:
     if len(runs) > 1:
         minutes = [r["wall_seconds"] / 60 for r in runs]
         out += (f"; {len(runs)} runs from {runs[0]['date_utc'][:10]} to {runs[-1]['date_utc'][:10]} took "
-                f"{min(minutes):.1f} to {max(minutes):.1f} min")
+                f"{min(minutes):.1f} to {max(minutes):.1f} min (this shared machine's speed varies from day to day; "
+                "the target is 5 min on a normal day)")
     if "readme_command_fresh_clone_seconds" in quick:
         fresh = quick["readme_command_fresh_clone_seconds"] / 60
         out += (" and, in a separate run, the whole first command in a fresh clone, install included, "
                 f"{fresh:.1f} min (`python benchmarks/reproduce_quick.py --fresh-clone`). Runs of the first command "
                 f"have taken from {fresh:.1f} min to 11 min 17 s on this kind of machine, the slowest on a day it ran "
                 "about half as fast; from one run to the next, timings here vary by up to ±30 %.")
-    else:
+    elif len(runs) <= 1:
         out += ". From one run to the next, timings on this shared machine vary by up to ±30 %."
+    else:
+        out += "."
     return out
 
 

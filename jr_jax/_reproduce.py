@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ._report import RESULTS, level_label, read_json as _read_json, render_report  # noqa: F401 (re-exported)
+from ._train import DEFAULT_ENCODER
 
 # Pearson r visible in the reference study's notebooks (its transformer, noise factor 1, ~50 dB SNR
 # after averaging; its Bi-LSTM runs were near 0 on every parameter). STUDY.md sets out the source.
@@ -84,9 +85,9 @@ class ReproduceConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-# the study's Bi-LSTM (1 layer, 64 units per direction, dropout 0.1) behind a strided convolution (its
-# CNN-BiLSTM option): 16 ms windows leave 75 LSTM steps, which makes CPU training about 10x faster
-_ENCODER = dict(hidden=64, layers=1, dropout=0.1, conv_channels=32, conv_kernel=16, conv_stride=16)
+# train()'s default encoder: the study's Bi-LSTM (1 layer, 64 units per direction, dropout 0.1) behind
+# a strided convolution (its CNN-BiLSTM option); at 1200 Hz its 16-sample windows leave 75 LSTM steps
+_ENCODER = DEFAULT_ENCODER
 
 PRESETS = {
     # 3.7 min of steps on a 2-core CPU (benchmarks/results/reproduce_quick.json; README): enough data

@@ -531,7 +531,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
                    "(default: inf, clean ERPs)")
     t.add_argument("--epochs", type=int, default=60, help="most epochs (the study: 150); the expected duration is "
-                   "printed after the first")
+                   "printed a few seconds into the first")
     t.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
     t.add_argument("--schedule", choices=["cosine"], default=None,
@@ -541,9 +541,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=64, help="LSTM units per direction (study: 64)")
     t.add_argument("--layers", type=int, default=1, help="Bi-LSTM layers")
     t.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
-    t.add_argument("--conv-channels", type=int, default=0, help="strided Conv1d front-end channels (0: none)")
-    t.add_argument("--conv-kernel", type=int, default=8, help="Conv1d kernel size (samples)")
-    t.add_argument("--conv-stride", type=int, default=4, help="Conv1d stride (samples)")
+    t.add_argument("--conv-channels", type=int, default=32, help="strided Conv1d front-end channels before the "
+                   "Bi-LSTM (0: none, the study's plain Bi-LSTM, several times slower to train)")
+    t.add_argument("--conv-kernel", type=int, default=16, help="Conv1d kernel size (samples)")
+    t.add_argument("--conv-stride", type=int, default=16, help="Conv1d stride (samples)")
     t.add_argument("--seed", type=int, default=0, help="random seed of the weights, batches and noise")
     t.add_argument("--force", action="store_true", help="replace an existing estimator at --out and start the "
                    "training afresh (deletes --out/checkpoint only if it is a jr_jax checkpoint)")

@@ -40,6 +40,20 @@ def test_the_command_line_imports_no_numerical_library_until_a_command_needs_it(
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_jr_jax_train_defaults_to_the_library_encoder():
+    """``jr-jax train`` without encoder options trains what ``jr_jax.train`` trains without them
+    (and what the reproduce presets train): one default, not two."""
+    from jr_jax._reproduce import PRESETS
+    from jr_jax._train import DEFAULT_ENCODER
+    from jr_jax.cli import _parser
+
+    args = _parser().parse_args(["train", "data.zarr"])
+    cli = dict(hidden=args.hidden, layers=args.layers, dropout=args.dropout, conv_channels=args.conv_channels,
+               conv_kernel=args.conv_kernel, conv_stride=args.conv_stride)
+    assert cli == DEFAULT_ENCODER
+    assert PRESETS["quick"].encoder == DEFAULT_ENCODER and PRESETS["study"].encoder == DEFAULT_ENCODER
+
+
 def test_the_installed_command_simulates_on_every_core(tmp_path):
     """In a fresh process jr-jax exposes each CPU core as a JAX device before JAX starts (only a
     real process shows this: in-process calls find JAX already started)."""
