@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from test_suite import commit  # benchmarks/ is on the path when this script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,7 +65,7 @@ def main():
                    step_seconds=res["meta"]["step_seconds"], headline_snr_db=head, robust_r2=r2,
                    posterior_calibration=calibration, device=res["meta"]["device"], versions=res["meta"]["versions"])
     summary["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    summary["commit"] = _commit()
+    summary["commit"] = commit()
     dest = ROOT / "benchmarks" / "results" / f"reproduce_{args.preset}.json"
     runs = []
     if dest.exists():  # keep the fresh-clone timing of the README's command (--fresh-clone writes it)
@@ -79,14 +81,6 @@ def main():
           + (" (the box was shared)" if summary["box_shared"] else ""))
     print(f"R² at {head:g} dB: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()))
     print(f"wrote {dest}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def fresh_clone():
