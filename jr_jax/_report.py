@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = "results.json"
+#: the sections of results.json that a report is drawn from
+_SECTIONS = ("meta", "data", "test_dataset", "grid", "robust", "posterior", "amplitude", "sensitivity", "study")
 POINT = "jr_jax Bi-LSTM"
 NPE = "jr_jax NPE (posterior mean)"
 NPE_COMBINATION = "jr_jax NPE (combination)"
@@ -47,6 +49,11 @@ def render_report(out: str | os.PathLike) -> Path:
     if not (out / RESULTS).is_file():
         raise FileNotFoundError(f"{out / RESULTS} not found: run jr_jax.reproduce first")
     res = read_json(out / RESULTS, "the run's results", "run jr_jax.reproduce again with the same out to rewrite it")
+    missing = [k for k in _SECTIONS if k not in res]
+    if missing:
+        raise ValueError(f"{out / RESULTS} has no {', '.join(repr(k) for k in missing)} section: it was written by "
+                         "an earlier version of jr_jax, whose report this version cannot redraw; run jr_jax.reproduce "
+                         "(jr-jax reproduce) again into a new folder")
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     _write_tables(res, out)

@@ -239,3 +239,14 @@ def test_correlation_comparison_against_scipy():
         expect = "same" if p >= 0.05 else ("higher" if r1 > r2 else "lower")
         assert _compare_r(r1, r2, n1, n2) == expect
     assert _compare_r(0.13, 0.08, 1000, 100) == "same"  # the case a plain "exceeds" got wrong
+
+
+def test_render_report_names_the_sections_an_older_results_file_lacks(tmp_path):
+    """A results.json from an earlier version (no posterior or amplitude section, as the study report
+    of 2026-11-25) gets one clear error naming them, not a KeyError from deep in the rendering."""
+    old = {k: {} for k in ("meta", "data", "grid", "robust", "sensitivity", "study")}
+    old["test_dataset"] = "large"
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"no 'posterior', 'amplitude' section: it was written by an earlier version"):
+        jr_jax.render_report(tmp_path)
+    assert not (tmp_path / "report.md").exists()
