@@ -228,7 +228,8 @@ def _expected_duration(compile_seconds: float, batch_seconds: float, batches_per
         return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
     return (f"expected duration: {span(epoch)} per epoch ({rate:.0f} samples/s after {compile_seconds:.0f} s of "
-            f"compilation); {epochs} epochs at most: about {span(rest)} (early stopping may end sooner)")
+            f"compilation); {epochs} epochs at most: about {span(rest)} without the validation passes (early "
+            "stopping may end sooner)")
 
 
 #: train()'s encoder unless options are given (the reproduce presets' too): the study's Bi-LSTM (64
