@@ -213,14 +213,14 @@ _TIMING_SECONDS = 5.0
 
 
 def _expected_duration(compile_seconds: float, batch_seconds: float, batches_per_epoch: int, epochs: int,
-                       batch_size: int) -> str:
+                       batch_size: int, validation_seconds: float) -> str:
     """The line printed a few seconds into the first epoch, before the long part of a training run.
 
     ``compile_seconds``: the first batch (compilation included); ``batch_seconds``: the mean time of
-    the batches timed after it; the run is ``epochs`` epochs (those left) of ``batches_per_epoch``
-    batches at most, plus one validation pass per epoch, which is not counted.
+    the batches timed after it; ``validation_seconds``: one validation pass (compiled); the run is
+    ``epochs`` epochs (those left) of ``batches_per_epoch`` batches and one validation pass each.
     """
-    epoch = batches_per_epoch * batch_seconds
+    epoch = batches_per_epoch * batch_seconds + validation_seconds
     rest = epochs * epoch
     rate = batch_size / batch_seconds if batch_seconds > 0 else float("inf")
 
@@ -228,8 +228,8 @@ def _expected_duration(compile_seconds: float, batch_seconds: float, batches_per
         return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
     return (f"expected duration: {span(epoch)} per epoch ({rate:.0f} samples/s after {compile_seconds:.0f} s of "
-            f"compilation); {epochs} epochs at most: about {span(rest)} without the validation passes (early "
-            "stopping may end sooner)")
+            f"compilation, validation {validation_seconds:.0f} s); {epochs} epochs at most: about {span(rest)} "
+            "(early stopping may end sooner)")
 
 
 #: train()'s encoder unless options are given (the reproduce presets' too): the study's Bi-LSTM (64
@@ -288,7 +288,7 @@ def train(
       chosen to end in hours, not days, on a CPU (the study trained for 150 epochs with patience 50:
       pass those to match it). With ``progress``, the expected duration of the run (time per
       epoch, samples/s, the time of all epochs) is printed about five seconds into the first epoch,
-      from the batches after the first (which compiles).
+      from the batches after the first (which compiles) and one validation pass timed before it.
     - ``checkpoint_dir``: state saved after every epoch; calling again with the same arguments
       resumes where the last run stopped.
     - Several local devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` on a CPU, as the
@@ -375,6 +375,11 @@ def train(
 
         bar = tqdm(total=epochs, initial=state["epoch"], unit="epoch", desc="training", dynamic_ncols=True)
     announce = bar is not None and state["epoch"] < epochs and batches_per_epoch > 1
+    if announce:  # time one validation pass for the expected duration (the first call compiles it)
+        float(val_loss(model, x_val, y_val))
+        t_val = time.perf_counter()
+        float(val_loss(model, x_val, y_val))
+        validation_seconds = time.perf_counter() - t_val
     try:
         while state["epoch"] < epochs and state["bad"] < patience:
             epoch = state["epoch"]
@@ -392,7 +397,7 @@ def train(
                         t_compiled = now
                     elif now - t_compiled >= _TIMING_SECONDS or b + 1 == batches_per_epoch:
                         bar.write(_expected_duration(t_compiled - t0, (now - t_compiled) / b, batches_per_epoch,
-                                                     epochs - epoch, batch_size))
+                                                     epochs - epoch, batch_size, validation_seconds))
                         announce = False
             if count == 0:
                 raise ValueError("no training batch: fewer training samples than batch_size")

@@ -301,15 +301,15 @@ print(json.dumps([len(jax.local_devices())] + [h["val_loss"] for h in history]))
 
 def test_the_expected_duration_is_the_timed_batches_rate_times_the_run():
     """The line printed a few seconds into the first epoch: 0.32 s per batch of 32 is 100
-    samples/s; 100 batches make 32 s per epoch, and 60 epochs 32 min (shown in s below 90 s, in h
-    from 90 min)."""
+    samples/s; 100 batches and a 3 s validation pass make 35 s per epoch, and 60 epochs 35 min
+    (shown in s below 90 s, in h from 90 min)."""
     from jr_jax._train import _expected_duration
 
-    line = _expected_duration(12.0, 0.32, 100, 60, 32)
-    assert "expected duration: 32 s per epoch (100 samples/s after 12 s of compilation)" in line
-    assert "60 epochs at most: about 32 min" in line
-    assert "about 64 s" in _expected_duration(1.0, 0.32, 100, 2, 32)
-    assert "about 1.6 h" in _expected_duration(1.0, 1.0, 60, 95, 32)
+    line = _expected_duration(12.0, 0.32, 100, 60, 32, 3.0)
+    assert "expected duration: 35 s per epoch (100 samples/s after 12 s of compilation, validation 3 s)" in line
+    assert "60 epochs at most: about 35 min" in line
+    assert "about 64 s" in _expected_duration(1.0, 0.32, 100, 2, 32, 0.0)
+    assert "about 1.6 h" in _expected_duration(1.0, 1.0, 60, 95, 32, 0.0)
 
 
 def test_train_prints_the_expected_duration_once_during_the_first_epoch(capsys):
