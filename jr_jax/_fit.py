@@ -155,8 +155,9 @@ class FitResult:
       per optimum;
     - ``diagnostics['map_at_bound']``: the names of the MAP's coordinates within 2 % of their range
       from a bound (also warned): the data push against the prior, or the starts found a boundary optimum;
-    - ``sampler``: ``"laplace-importance"`` or ``"smc"``; ``pareto_k`` and ``ess``: the importance
-      weights' diagnostics (and the SMC's final ESS); ``diagnostics``: timings and sampler details.
+    - ``sampler``: ``"laplace-importance"`` or ``"smc"`` (:func:`fit`);
+      ``pareto_k``: the importance weights' k-hat; ``ess``: their ESS, or the SMC's final ESS;
+      ``diagnostics``: timings and sampler details.
     """
 
     names: tuple[str, ...]
@@ -295,7 +296,8 @@ def _prior_sd(space: _Space, prior: Prior) -> np.ndarray:
 def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None, estimator=None,
         prior: Prior | None = None, gain="auto", latency="auto", key, n_starts: int | None = None, n_samples: int = 1000,
         n_screen: int = 1000, n_proposal: int = 2000, max_steps: int = 100, level: float = 0.9, mode_tolerance: float = 3.0,
-        khat_threshold: float = 0.7, smc_particles: int = 1000, smc_mcmc_steps: int = 10) -> FitResult:
+        khat_threshold: float = 0.7, sampler: str = "auto", smc_particles: int = 1000,
+        smc_mcmc_steps: int = 10) -> FitResult:
     """Fit the model to one ERP and return its MAP, posterior draws and checks (module docstring).
 
     - ``erp``: ``(n_times,)`` in mV on ``protocol``'s grid, or a :class:`jr_jax.eeg.Recording`
@@ -319,8 +321,11 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
       ``n_proposal`` draws from the Laplace mixture are weighted by the exact posterior (PSIS; with
       the exact ridge, the mixture follows it in log(theta), and up to three adaptive rounds move it
       to the weighted draws while the weights fail);
-      when k-hat > ``khat_threshold`` or the ESS < 100, tempered SMC (``smc_particles``) runs from
-      the mixture instead. ``n_samples`` posterior draws come back.
+      while k-hat <= ``khat_threshold`` but the ESS < 100, up to three more batches of draws come from
+      the last proposal (k-hat says the weights are reliable, only too few are effective);
+      when k-hat > ``khat_threshold`` or the ESS stays < 100, tempered SMC (``smc_particles``) runs
+      from a defensive mixture instead (``sampler="auto"``; ``"laplace-importance"`` or ``"smc"``
+      force one, the first warned when its weights fail). ``n_samples`` posterior draws come back.
     """
     from .eeg._recording import Recording, baseline_noise_sd
 
@@ -361,6 +366,8 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                              ("smc_mcmc_steps", smc_mcmc_steps, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(map(repr, _SAMPLERS))}, got {sampler!r}")
     if not (isinstance(level, (int, float)) and 0 < level < 1):
         raise ValueError(f"level must be a number in (0, 1), got {level!r}")
     key = as_typed_key(key)
@@ -504,55 +511,49 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     mchols = np.linalg.cholesky(mcovs)
     n_log = comp["smc"]["n_log"]
     ridge = ridge_direction(prior.names, d) if n_log else None
-    if ridge is None:
-        z_prop, which = _t_mixture_sample(k_prop, centres, mchols, mix, n_proposal)
-        s_prop = msign[which]
-        same = s_prop[:, None] == msign[None, :]  # a draw's density: the components of its gain's sign
-        q_parts = _t_mixture_logpdf(z_prop, centres, mchols, mix, per_component=True)
-        log_q = np.logaddexp.reduce(np.where(same, q_parts, -np.inf), axis=1)
-        lp = _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j)
+    # with the exact ridge the proposal lives in w = log(theta): _RIDGE_SHARE of the draws follow
+    # the ridge over the prior's extent (:func:`_ridge_laplace_mixture`), the rest come from the t
+    # mixture in z; without it, the t mixture in z alone
+    rmix = None if ridge is None else _ridge_laplace_mixture(
+        space, centres, np.stack([jac[m["index"]] for m in modes]), len(x), n_log, ridge[0], mix)
+    for rnd in range(1 + (_IS_ADAPT_ROUNDS if ridge is not None else 0)):
+        prop = _Proposal(space, comp, xj, sd_j, centres, mchols, mix, msign, rmix, n_log)
+        v_prop, s_prop = prop.sample(k_prop if ridge is None else jax.random.fold_in(k_prop, rnd), n_proposal)
+        log_q, q_ridge = prop.log_q(v_prop, s_prop, ridge_parts=True)
+        lp = prop.log_post(v_prop, s_prop)
         lw, k_hat = psis(lp - log_q)
         ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
-    else:
-        # in w = log(theta) the ridge is straight: _RIDGE_SHARE of the draws follow it over the
-        # prior's extent (:func:`_ridge_laplace_mixture`), the rest come from the t mixture in z
-        rmix = _ridge_laplace_mixture(space, centres, np.stack([jac[m["index"]] for m in modes]), len(x), n_log,
-                                      ridge[0], mix)
-        n_ridge = int(round(_RIDGE_SHARE * n_proposal))
-        for rnd in range(1 + _IS_ADAPT_ROUNDS):
-            k_ridge, k_t = jax.random.split(jax.random.fold_in(k_prop, rnd))
-            w_ridge, which_ridge = _ridge_mixture_sample(k_ridge, rmix, n_ridge)
-            z_t, which_t = _t_mixture_sample(k_t, centres, mchols, mix, n_proposal - n_ridge)
-            u_t = space.lows + (space.highs - space.lows) * scipy_expit(z_t)
-            w_t = np.concatenate([np.log(u_t[:, :n_log]), z_t[:, n_log:]], axis=1)
-            w_prop, which = np.concatenate([w_ridge, w_t]), np.concatenate([which_ridge, which_t])
-            s_prop = msign[which]
-            z_prop, ldj, inside = _w_z_float64(w_prop, space.lows, space.highs, n_log)
-            z_prop = np.where(inside[:, None], z_prop, 0.0)
-            same = s_prop[:, None] == msign[None, :]
-            q_ridge = np.where(same, _ridge_mixture_logpdf(w_prop, rmix, per_component=True), -np.inf)
-            q_t = np.where(same, _t_mixture_logpdf(z_prop, centres, mchols, mix, per_component=True), -np.inf)
-            log_q = np.logaddexp(math.log(_RIDGE_SHARE) + np.logaddexp.reduce(q_ridge, axis=1),
-                                 math.log(1 - _RIDGE_SHARE) + np.logaddexp.reduce(q_t, axis=1)
-                                 + np.where(inside, ldj, 0.0))
-            lp = np.where(inside, _eval_log_post(comp["log_post_jit"], z_prop, s_prop, xj, sd_j) + ldj, -np.inf)
-            lw, k_hat = psis(lp - log_q)
-            ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
-            if (k_hat <= khat_threshold and ess >= 100) or not np.isfinite(lw).any() or rnd == _IS_ADAPT_ROUNDS:
-                break
-            # adaptive importance sampling: the next round's ridge mixture moves to the weighted
-            # draws (each draw shared among the components by its responsibility); only the last
-            # round's draws are used, so each round's weights are exact for its own proposal
-            rmix = _adapt_ridge_mixture(rmix, w_prop, np.exp(lw), q_ridge, space, n_log)
-        diag_rounds = rnd + 1
+        if (k_hat <= khat_threshold and ess >= 100) or not np.isfinite(lw).any() or ridge is None \
+                or rnd == _IS_ADAPT_ROUNDS:
+            break
+        # adaptive importance sampling: the next round's ridge mixture moves to the weighted
+        # draws (each draw shared among the components by its responsibility); only the last
+        # round's draws are used, so each round's weights are exact for its own proposal
+        rmix = _adapt_ridge_mixture(rmix, v_prop, np.exp(lw), q_ridge, space, n_log)
+    n_rounds = rnd + 1
+    extra = 0
+    while k_hat <= khat_threshold and ess < 100 and np.isfinite(lw).any() and extra < _IS_EXTEND:
+        # weights reliable (k-hat) but too few effective draws: more draws from the same proposal
+        extra += 1
+        v_more, s_more = prop.sample(jax.random.fold_in(k_prop, 1000 + extra), n_proposal)
+        v_prop, s_prop = np.concatenate([v_prop, v_more]), np.concatenate([s_prop, s_more])
+        log_q = np.concatenate([log_q, prop.log_q(v_more, s_more)])
+        lp = np.concatenate([lp, prop.log_post(v_more, s_more)])
+        lw, k_hat = psis(lp - log_q)
+        ess = effective_sample_size(lw)
+    z_prop = prop.to_z(v_prop)
     diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, **solve_diag, map_at_bound=at_bound,
-                n_proposal=n_proposal,
-                importance_pareto_k=k_hat, importance_ess=ess,
-                importance_rounds=diag_rounds if ridge is not None else 1)
-    if k_hat <= khat_threshold and ess >= 100:
+                n_proposal=len(v_prop), importance_pareto_k=k_hat, importance_ess=ess, importance_rounds=n_rounds)
+    is_ok = k_hat <= khat_threshold and ess >= 100
+    if sampler == "auto":
+        sampler = "laplace-importance" if is_ok else "smc"
+    if sampler == "laplace-importance":
+        if not is_ok:
+            warnings.warn(f"importance sampling was asked for, but its weights are poor (k-hat {k_hat:.2f}, ESS "
+                          f"{ess:.0f}): the posterior draws are unreliable", RuntimeWarning, stacklevel=2)
         idx = _systematic(k_res, lw, n_samples)
-        z_post, s_post, sampler = z_prop[idx], s_prop[idx], "laplace-importance"
-    else:
+        z_post, s_post = z_prop[idx], s_prop[idx]
+    elif sampler == "smc":
         if len(set(msign)) > 1:
             # the SMC moves z continuously: keep the sign of the most probable mode
             keep = msign == msign[np.argmax(mix)]
@@ -595,9 +596,9 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         if ridge is not None:
             # Metropolis moves along the exact ridge: the likelihood does not change there, only the
             # prior and the Jacobian do, so these moves are accepted where random-walk moves in every
-            # direction are not, and spread C and the a_k over what the prior allows
-            w_smc, smc_diag["ridge_acceptance"] = _metropolis_moves(
-                post_jit, w_smc, jnp.asarray(0.3 * ridge[0][:, None], jnp.float32), jax.random.fold_in(k_smc, 1), 30)
+            # direction are not, and spread C and the a_k over what the prior allows (no simulation)
+            w_smc, _, smc_diag["ridge_acceptance"] = _ridge_moves(
+                _host_rng(jax.random.fold_in(k_smc, 1)), np.asarray(w_smc, np.float64), ridge[0], prior, n_log, 30)
         z_smc = np.asarray(_z_from_w(jnp.asarray(w_smc, jnp.float32), lows, highs, n_log)[0], np.float64)
         smc_diag["coordinates"] = "log(theta), z for gain and latency" if n_log else "z"
         idx = _host_rng(k_res).choice(z_smc.shape[0], n_samples, replace=z_smc.shape[0] < n_samples)
@@ -987,6 +988,10 @@ def _chi2_quantile(d: int, p: float) -> float:
 
 _IS_ADAPT_ROUNDS = 3  # adaptive importance-sampling rounds after the first, while k-hat or the ESS fail
 
+_SAMPLERS = ("auto", "laplace-importance", "smc")
+
+_IS_EXTEND = 3  # further batches of n_proposal draws while k-hat passes but the ESS is below 100
+
 _RIDGE_SHARE = 0.8  # of the importance draws from the ridge-shaped mixture in log(theta) (when there is a ridge)
 
 _T_DF = 5.0  # Student-t proposal: heavier tails than the Laplace Gaussian, for stable weights
@@ -1188,6 +1193,96 @@ def _ridge_mixture_logpdf(w, mix: dict, per_component: bool = False) -> np.ndarr
         lp_perp = const - float(np.sum(np.log(np.diag(chol)))) - 0.5 * (nu + dm) * np.log1p(maha / nu)
         parts.append(math.log(wt) + lp_perp + _ridge_t_logpdf(dw @ mix["ridge"], seg, mix["beta"]))
     return np.stack(parts, axis=1) if per_component else np.logaddexp.reduce(np.stack(parts), axis=0)
+
+
+class _Proposal:
+    """The importance proposal q of one fit on the host, in its sampling coordinates v: w
+    (:func:`_w_from_z`) when the prior has the exact ridge (``rmix``, :func:`_ridge_laplace_mixture`,
+    gives :data:`_RIDGE_SHARE` of q; the Laplace t mixture in z the rest), else z (the t mixture
+    alone). Each draw carries the sign of its component's gain; q's density at ``(v, sign)`` is
+    that of the components of that sign."""
+
+    def __init__(self, space, comp, xj, sd_j, centres, chols, weights, signs, rmix, n_log: int):
+        self.space, self.comp, self.xj, self.sd_j = space, comp, xj, sd_j
+        self.centres, self.chols, self.weights, self.signs = centres, chols, weights, signs
+        self.rmix, self.n_log = rmix, n_log
+
+    def sample(self, key, n: int):
+        """``n`` draws ``(v (n, d), sign (n,))``: ``round(_RIDGE_SHARE n)`` from the ridge mixture, the
+        rest from the t mixture (stratified: the weights use the whole mixture's density)."""
+        if self.rmix is None:
+            z, which = _t_mixture_sample(key, self.centres, self.chols, self.weights, n)
+            return z, self.signs[which]
+        k_ridge, k_t = jax.random.split(key)
+        n_ridge = int(round(_RIDGE_SHARE * n))
+        w_ridge, which_ridge = _ridge_mixture_sample(k_ridge, self.rmix, n_ridge)
+        z_t, which_t = _t_mixture_sample(k_t, self.centres, self.chols, self.weights, n - n_ridge)
+        space = self.space
+        u_t = space.lows + (space.highs - space.lows) * scipy_expit(z_t)
+        w_t = np.concatenate([np.log(u_t[:, :self.n_log]), z_t[:, self.n_log:]], axis=1)
+        return np.concatenate([w_ridge, w_t]), self.signs[np.concatenate([which_ridge, which_t])]
+
+    def _z(self, v):
+        if self.rmix is None:
+            return v, np.zeros(len(v)), np.all(np.isfinite(v), axis=1)
+        z, ldj, inside = _w_z_float64(v, self.space.lows, self.space.highs, self.n_log)
+        return np.where(inside[:, None], z, 0.0), ldj, inside
+
+    def to_z(self, v):
+        """Fit coordinates z of ``v``."""
+        return self._z(v)[0]
+
+    def log_q(self, v, sign, ridge_parts: bool = False):
+        """log q at ``(v (n, d), sign (n,))``; with ``ridge_parts`` also the ridge components' weighted
+        log densities ``(n, M)`` (None without the ridge)."""
+        same = sign[:, None] == self.signs[None, :]
+        z, ldj, inside = self._z(v)
+        q_t = np.where(same, _t_mixture_logpdf(z, self.centres, self.chols, self.weights, per_component=True), -np.inf)
+        if self.rmix is None:
+            out, parts = np.logaddexp.reduce(q_t, axis=1), None
+        else:
+            parts = np.where(same, _ridge_mixture_logpdf(v, self.rmix, per_component=True), -np.inf)
+            out = np.logaddexp(math.log(_RIDGE_SHARE) + np.logaddexp.reduce(parts, axis=1),
+                               math.log(1 - _RIDGE_SHARE) + np.logaddexp.reduce(q_t, axis=1) + np.where(inside, ldj, 0.0))
+        return (out, parts) if ridge_parts else out
+
+    def log_post(self, v, sign):
+        """The log posterior density in v (up to a constant; -inf outside the box or where the model
+        diverges): one batched simulation per row."""
+        z, ldj, inside = self._z(v)
+        lp = _eval_log_post(self.comp["log_post_jit"], z, sign, self.xj, self.sd_j)
+        return np.where(inside, lp + ldj, -np.inf)
+
+
+def _ridge_log_density(prior: Prior, w, n_log: int) -> np.ndarray:
+    """The part of the log posterior in w that changes along the exact ridge: the prior's log
+    density at theta = exp(w) plus log |dtheta/dw| = sum(w) (-inf outside the box). The likelihood
+    depends on C and a_k only through C a_k, so it does not change there."""
+    k = len(prior.names)
+    with np.errstate(over="ignore"):
+        return _log_prior(prior, np.exp(w[:, :k]), np) + np.sum(w[:, :n_log], axis=1)
+
+
+def _ridge_moves(rng, w, ridge, prior: Prior, n_log: int, sweeps: int, scale: float = 0.3, other=None):
+    """``sweeps`` Metropolis moves of every particle ``w (n, d)`` along the unit ``ridge (d,)``, steps
+    N(0, ``scale``^2), accepted on :func:`_ridge_log_density` alone (exact for the posterior: the
+    likelihood is constant along the ridge). ``other(w) -> (n,)``: a further log density term of the
+    target (the proposal's share in a tempered target), else none. No simulation. Returns the
+    particles, the change of :func:`_ridge_log_density` per particle, and the mean acceptance."""
+    w = np.array(w, np.float64)
+    base = _ridge_log_density(prior, w, n_log)
+    cur = base + (other(w) if other is not None else 0.0)
+    start, accepted = base.copy(), 0.0
+    for _ in range(sweeps):
+        prop = w + scale * rng.standard_normal(len(w))[:, None] * ridge[None]
+        dens = _ridge_log_density(prior, prop, n_log)
+        new = dens + (other(prop) if other is not None else 0.0)
+        with np.errstate(invalid="ignore"):
+            take = np.log(rng.uniform(size=len(w))) < new - cur
+        take &= np.isfinite(new)
+        w[take], cur[take], base[take] = prop[take], new[take], dens[take]
+        accepted += float(take.mean())
+    return w, base - start, accepted / max(sweeps, 1)
 
 
 def _batched_log_post(space, model, lows, highs):
