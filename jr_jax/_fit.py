@@ -516,6 +516,8 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     # mixture in z; without it, the t mixture in z alone
     rmix = None if ridge is None else _ridge_laplace_mixture(
         space, centres, np.stack([jac[m["index"]] for m in modes]), len(x), n_log, ridge[0], mix)
+    round_khat, round_ess = [], []
+    extra = 0
     for rnd in range(1 + (_IS_ADAPT_ROUNDS if ridge is not None else 0)):
         prop = _Proposal(space, comp, xj, sd_j, centres, mchols, mix, msign, rmix, n_log)
         v_prop, s_prop = prop.sample(k_prop if ridge is None else jax.random.fold_in(k_prop, rnd), n_proposal)
@@ -523,6 +525,20 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         lp = prop.log_post(v_prop, s_prop)
         lw, k_hat = psis(lp - log_q)
         ess = effective_sample_size(lw) if np.isfinite(lw).any() else 0.0
+        while k_hat <= khat_threshold and ess < 100 and np.isfinite(lw).any() and extra < _IS_EXTEND:
+            # the weights pass k-hat but too few are effective: more draws from the same proposal,
+            # and k-hat and the ESS again on all of them (k-hat of the larger set must pass too)
+            extra += 1
+            v_more, s_more = prop.sample(jax.random.fold_in(k_prop, 1000 + extra), n_proposal)
+            lq_more, q_ridge_more = prop.log_q(v_more, s_more, ridge_parts=True)
+            v_prop, s_prop = np.concatenate([v_prop, v_more]), np.concatenate([s_prop, s_more])
+            log_q = np.concatenate([log_q, lq_more])
+            q_ridge = None if q_ridge is None else np.concatenate([q_ridge, q_ridge_more])
+            lp = np.concatenate([lp, prop.log_post(v_more, s_more)])
+            lw, k_hat = psis(lp - log_q)
+            ess = effective_sample_size(lw)
+        round_khat.append(float(k_hat))
+        round_ess.append(float(ess))
         if (k_hat <= khat_threshold and ess >= 100) or not np.isfinite(lw).any() or ridge is None \
                 or rnd == _IS_ADAPT_ROUNDS:
             break
@@ -531,19 +547,10 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # round's draws are used, so each round's weights are exact for its own proposal
         rmix = _adapt_ridge_mixture(rmix, v_prop, np.exp(lw), q_ridge, space, n_log)
     n_rounds = rnd + 1
-    extra = 0
-    while k_hat <= khat_threshold and ess < 100 and np.isfinite(lw).any() and extra < _IS_EXTEND:
-        # weights reliable (k-hat) but too few effective draws: more draws from the same proposal
-        extra += 1
-        v_more, s_more = prop.sample(jax.random.fold_in(k_prop, 1000 + extra), n_proposal)
-        v_prop, s_prop = np.concatenate([v_prop, v_more]), np.concatenate([s_prop, s_more])
-        log_q = np.concatenate([log_q, prop.log_q(v_more, s_more)])
-        lp = np.concatenate([lp, prop.log_post(v_more, s_more)])
-        lw, k_hat = psis(lp - log_q)
-        ess = effective_sample_size(lw)
     z_prop = prop.to_z(v_prop)
     diag = dict(screen_s=screen_s, n_screen=n_cand, solve_s=solve_s, **solve_diag, map_at_bound=at_bound,
-                n_proposal=len(v_prop), importance_pareto_k=k_hat, importance_ess=ess, importance_rounds=n_rounds)
+                n_proposal=len(v_prop), importance_pareto_k=k_hat, importance_ess=ess, importance_rounds=n_rounds,
+                importance_pareto_k_per_round=round_khat, importance_ess_per_round=round_ess)
     is_ok = k_hat <= khat_threshold and ess >= 100
     if sampler == "auto":
         sampler = "laplace-importance" if is_ok else "smc"
@@ -990,7 +997,7 @@ _IS_ADAPT_ROUNDS = 3  # adaptive importance-sampling rounds after the first, whi
 
 _SAMPLERS = ("auto", "laplace-importance", "smc")
 
-_IS_EXTEND = 3  # further batches of n_proposal draws while k-hat passes but the ESS is below 100
+_IS_EXTEND = 3  # further batches of n_proposal draws (in all rounds) while k-hat passes but the ESS is below 100
 
 _RIDGE_SHARE = 0.8  # of the importance draws from the ridge-shaped mixture in log(theta) (when there is a ridge)
 
