@@ -322,6 +322,13 @@ def _study() -> dict:
     return json.loads((ROOT / "docs" / "study" / "results.json").read_text())
 
 
+def _study_conditions(res) -> str:
+    """When the study run finished, and where its conditions are stated (a run resumed across
+    sessions, or sharing the CPU, adds up longer step times than one run alone)."""
+    finished = res["meta"].get("finished", "")[:10]
+    return f"sum of its steps, finished {finished}; conditions in docs/study/README.md"
+
+
 def study_report(page: Path) -> str:
     """The study preset's report (docs/study/results.json) and the quick preset's measured time."""
     res = _study()
@@ -340,7 +347,8 @@ def study_report(page: Path) -> str:
              f"{d['levels']['n']} simulations per level with an 80/10/10 split, one model trained at each level and "
              f"tested at every level; and, to show what more simulations buy, one noise-robust model trained on "
              f"{rt['n_train']} ERPs with SNRs drawn in {cfg['robust_snr_db'][0]:g}–{cfg['robust_snr_db'][1]:g} dB. "
-             f"All steps took {res['meta']['seconds_all_steps'] / 60:.0f} min on the 2-core development CPU. Test split: "
+             f"All steps took {res['meta']['seconds_all_steps'] / 60:.0f} min on the 2-core development CPU"
+             f" ({_study_conditions(res)}). Test split: "
              f"{d[res['test_dataset']]['test']} ERPs.", "",
              ] + _headline_comparison(res)
     g = res["grid"]
@@ -398,7 +406,7 @@ def readme_result(page: Path) -> str:
     res = _study()
     return "\n".join(_headline_comparison(res) + [
         f"All steps took {res['meta']['seconds_all_steps'] / 60:.0f} min on the 2-core development CPU "
-        f"(report: [`docs/study/report.md`]({link('docs/study/report.md', page)})).",
+        f"({_study_conditions(res)}; report: [`docs/study/report.md`]({link('docs/study/report.md', page)})).",
         "",
         f"![r and R² against SNR]({link('docs/study/figures/metric_vs_snr.png', page)})",
     ])
