@@ -320,9 +320,11 @@ def _sensitivity_figure(res, path: Path, plt) -> None:
         axes[1].bar(x + 0.27, [_metric(post, NPE, snr, p, "r2") for p in names], 0.27, label="posterior mean R²")
     axes[1].set_ylabel("R² over the test split", fontsize=8)
     axes[1].set_title(f"what the ERP allows and what the networks reach, {snr:g} dB", fontsize=9)
+    axes[1].set_ylim(top=1.3)  # room for the legend above the bars (R² <= 1)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper center", ncol=2)
     for ax in axes:
         ax.set_xticks(x, names, fontsize=8)
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path)
