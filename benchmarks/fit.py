@@ -370,7 +370,8 @@ def main():
     previous = None
     if args.resume and Path(args.out).exists():
         previous = json.loads(Path(args.out).read_text())
-        same = lambda a: {k: v for k, v in a.items() if k not in ("resume", "note")}  # noqa: E731
+        # the file's place does not change the fits: a moved results file resumes too
+        same = lambda a: {k: v for k, v in a.items() if k not in ("resume", "note", "out")}  # noqa: E731
         if same(previous.get("arguments", {})) != same(_jsonable(vars(args))):
             ap.error(f"--resume: {args.out} was written with other arguments: "
                      f"{previous.get('command')!r}; rerun with those, or without --resume")
