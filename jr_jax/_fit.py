@@ -560,7 +560,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                           f"{ess:.0f}): the posterior draws are unreliable", RuntimeWarning, stacklevel=2)
         idx = _systematic(k_res, lw, n_samples)
         z_post, s_post = z_prop[idx], s_prop[idx]
-    elif sampler == "smc":
+    else:  # "smc"
         if len(set(msign)) > 1:
             # the SMC moves z continuously: keep the sign of the most probable mode
             keep = msign == msign[np.argmax(mix)]
@@ -1270,26 +1270,22 @@ def _ridge_log_density(prior: Prior, w, n_log: int) -> np.ndarray:
         return _log_prior(prior, np.exp(w[:, :k]), np) + np.sum(w[:, :n_log], axis=1)
 
 
-def _ridge_moves(rng, w, ridge, prior: Prior, n_log: int, sweeps: int, scale: float = 0.3, other=None):
+def _ridge_moves(rng, w, ridge, prior: Prior, n_log: int, sweeps: int, scale: float = 0.3):
     """``sweeps`` Metropolis moves of every particle ``w (n, d)`` along the unit ``ridge (d,)``, steps
     N(0, ``scale``^2), accepted on :func:`_ridge_log_density` alone (exact for the posterior: the
-    likelihood is constant along the ridge). ``other(w) -> (n,)``: a further log density term of the
-    target (the proposal's share in a tempered target), else none. No simulation. Returns the
-    particles, the change of :func:`_ridge_log_density` per particle, and the mean acceptance."""
+    likelihood is constant along the ridge). No simulation. Returns the particles, the change of
+    :func:`_ridge_log_density` per particle, and the mean acceptance."""
     w = np.array(w, np.float64)
-    base = _ridge_log_density(prior, w, n_log)
-    cur = base + (other(w) if other is not None else 0.0)
-    start, accepted = base.copy(), 0.0
+    cur = _ridge_log_density(prior, w, n_log)
+    start, accepted = cur.copy(), 0.0
     for _ in range(sweeps):
         prop = w + scale * rng.standard_normal(len(w))[:, None] * ridge[None]
-        dens = _ridge_log_density(prior, prop, n_log)
-        new = dens + (other(prop) if other is not None else 0.0)
+        new = _ridge_log_density(prior, prop, n_log)
         with np.errstate(invalid="ignore"):
-            take = np.log(rng.uniform(size=len(w))) < new - cur
-        take &= np.isfinite(new)
-        w[take], cur[take], base[take] = prop[take], new[take], dens[take]
+            take = (np.log(rng.uniform(size=len(w))) < new - cur) & np.isfinite(new)
+        w[take], cur[take] = prop[take], new[take]
         accepted += float(take.mean())
-    return w, base - start, accepted / max(sweeps, 1)
+    return w, cur - start, accepted / max(sweeps, 1)
 
 
 def _batched_log_post(space, model, lows, highs):
