@@ -351,7 +351,7 @@ def _fit(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", RuntimeWarning)
             result = fit(rec, noise_sd=args.noise_sd, estimator=estimator, key=jax.random.key(args.seed),
                          n_screen=args.screen, n_starts=args.starts, n_samples=args.draws, level=args.level, max_steps=args.max_steps,
-                         smc_particles=args.smc_particles)
+                         smc_particles=args.smc_particles, sampler=args.sampler)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -606,6 +606,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=100, help="most Levenberg-Marquardt steps per start (a start "
                    "that does not converge within them is reported as not converged)")
     g.add_argument("--draws", type=int, default=1000, help="posterior draws")
+    g.add_argument("--sampler", choices=["auto", "laplace-importance", "smc"], default="auto",
+                   help="posterior sampler: importance sampling from the Laplace mixture, falling back to tempered "
+                   "SMC when its weights are unreliable (auto), or either one forced (a forced importance sample "
+                   "with unreliable weights is reported by a warning)")
     g.add_argument("--smc-particles", type=int, default=1000, help="particles of the tempered SMC used when the "
                    "Laplace importance weights are unreliable (Pareto k-hat > 0.7)")
     g.add_argument("--level", type=float, default=0.9, help="central credible interval level")

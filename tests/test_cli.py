@@ -5,6 +5,7 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import jr_jax
 from jr_jax.cli import main
@@ -169,16 +170,18 @@ def test_sensitivity_writes_a_table_and_a_figure(tmp_path, capsys):
 def test_cli_fits_the_shipped_recording(tmp_path, capsys):
     """`jr-jax fit` on the shipped recording: a table with the checks, the figure, the draws; two
     Levenberg-Marquardt steps cannot converge, and every start is reported so (the converged fit of
-    this recording runs in notebooks/real_erp.ipynb); an existing figure is not overwritten without
-    --force; bad channel and option errors are one line."""
+    this recording, with its SMC, runs in notebooks/real_erp.ipynb); importance sampling forced by
+    --sampler from unconverged starts is warned as unreliable; an existing figure is not overwritten
+    without --force; bad channel and option errors are one line."""
     rec = sample_recording()
     out, samples = tmp_path / "fit", tmp_path / "draws.npy"
     args = ["fit", rec, "--condition", "Left Auditory", "--mode", "1", "--screen", "2", "--starts", "2", "--max-steps", "2",
-            "--draws", "200", "--smc-particles", "20", "--out", str(out), "--samples", str(samples)]
+            "--draws", "200", "--sampler", "laplace-importance", "--out", str(out), "--samples", str(samples)]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "reduced chi2" in text and "latency" in text and "noise SD" in text
     assert "0/2 starts converged" in text and "warning: none of the 2 starts converged" in text
+    assert "posterior by laplace-importance" in text and "warning: importance sampling was asked for" in text
     figure = out / "Left_Auditory_mode_1.png"
     assert figure.stat().st_size > 10_000
     assert np.load(samples).shape == (200, 11)
@@ -188,5 +191,8 @@ def test_cli_fits_the_shipped_recording(tmp_path, capsys):
     assert "'NOPE' is not in the recording" in capsys.readouterr().err
     assert main(["fit", rec, "--channel", "EEG 021", "--mode", "1"]) == 2
     assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", rec, "--sampler", "mcmc"])
+    assert "invalid choice: 'mcmc'" in capsys.readouterr().err
     assert main(["fit", str(samples)]) == 2
     assert "must be an MNE Evoked file" in capsys.readouterr().err
