@@ -468,6 +468,43 @@ def _use_all_cpu_cores() -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={os.cpu_count() or 1}".strip()
 
 
+#: the environment variable that moves (a folder) or turns off ("off") the command's compilation cache
+CACHE_ENV = "JR_JAX_COMPILATION_CACHE"
+_CACHE_MAX_BYTES = 2 * 1024**3  # least recently used programs are evicted beyond this
+
+
+def compilation_cache_dir(environ=os.environ) -> Path | None:
+    """Where ``jr-jax`` keeps its compiled XLA programs: ``$JR_JAX_COMPILATION_CACHE`` if set
+    (``off``: none), else ``$XDG_CACHE_HOME/jr_jax/xla`` (default ``~/.cache/jr_jax/xla``); None
+    also when the user set JAX's own ``JAX_COMPILATION_CACHE_DIR``, which JAX then uses."""
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    chosen = environ.get(CACHE_ENV, "").strip()
+    if chosen.lower() == "off":
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "jr_jax" / "xla"
+
+
+def _use_compilation_cache() -> None:
+    """Keep the XLA programs a command compiles (fit, train, simulate: tens of seconds on a CPU) in
+    :func:`compilation_cache_dir`, so that the next command with the same shapes loads them.
+    Equinox's runtime checks become NaN results (``EQX_ON_ERROR=nan``, unless the user set it): as
+    host callbacks they would keep a program out of the cache, and jr_jax's solves already flag
+    failures by value (``throw=False``). Set before JAX compiles anything (no effect after)."""
+    folder = compilation_cache_dir()
+    if folder is None:
+        return
+    os.environ.setdefault("EQX_ON_ERROR", "nan")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in --help: argparse's "(default: X)" unless the text states its own
     "(default: ...)"; flags (options without a value) are off unless given."""
@@ -480,7 +517,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jr-jax", description="Jansen-Rit ERPs in JAX", formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="jr-jax", description="Jansen-Rit ERPs in JAX", formatter_class=_HelpFormatter,
+        epilog=f"Compiled programs are kept in ~/.cache/jr_jax/xla (or $XDG_CACHE_HOME/jr_jax/xla), at most "
+               f"{_CACHE_MAX_BYTES // 1024**3} GiB, so that a repeated command skips most of its compilation; "
+               f"{CACHE_ENV}=DIR moves it, {CACHE_ENV}=off turns it off.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
@@ -643,6 +684,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _use_all_cpu_cores()
     args = _parser().parse_args(argv)
+    _use_compilation_cache()
     return args.func(args)
 
 

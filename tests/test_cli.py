@@ -15,9 +15,10 @@ from jr_jax.eeg import sample_recording
 JR_JAX = str(Path(sysconfig.get_path("scripts")) / ("jr-jax.exe" if os.name == "nt" else "jr-jax"))
 
 
-def _run(*argv, **env):
-    """``jr-jax ARGV`` as a real process: its own JAX start-up, exit status and output."""
-    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _run(*argv, drop=(), **env):
+    """``jr-jax ARGV`` as a real process: its own JAX start-up, exit status and output (``drop``:
+    environment variables of this run it does not inherit)."""
+    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and k not in drop}
     environment.update(JAX_PLATFORMS="cpu", **env)
     return subprocess.run([JR_JAX, *argv], env=environment, capture_output=True, text=True, timeout=300)
 
@@ -41,6 +42,18 @@ def test_the_command_line_imports_no_numerical_library_until_a_command_needs_it(
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_compilation_cache_folder_follows_the_environment(tmp_path):
+    """``jr-jax``'s compilation cache: $XDG_CACHE_HOME/jr_jax/xla, else ~/.cache/jr_jax/xla; moved by
+    JR_JAX_COMPILATION_CACHE=DIR, off with =off; none of its own when JAX's variable is set."""
+    from jr_jax.cli import compilation_cache_dir
+
+    assert compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "jr_jax" / "xla"
+    assert compilation_cache_dir({}) == Path.home() / ".cache" / "jr_jax" / "xla"
+    assert compilation_cache_dir({"JR_JAX_COMPILATION_CACHE": str(tmp_path / "x"), "XDG_CACHE_HOME": "/y"}) == tmp_path / "x"
+    assert compilation_cache_dir({"JR_JAX_COMPILATION_CACHE": "OFF"}) is None
+    assert compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": str(tmp_path)}) is None
+
+
 def test_jr_jax_train_defaults_to_the_library_encoder():
     """``jr-jax train`` without encoder options trains what ``jr_jax.train`` trains without them
     (and what the reproduce presets train): one default, not two."""
@@ -57,11 +70,20 @@ def test_jr_jax_train_defaults_to_the_library_encoder():
 
 def test_the_installed_command_simulates_on_every_core(tmp_path):
     """In a fresh process jr-jax exposes each CPU core as a JAX device before JAX starts (only a
-    real process shows this: in-process calls find JAX already started)."""
-    out = _run("simulate", "--n", "4", "--trials", "1", "--chunk-size", "4", "--out", str(tmp_path / "d.zarr"))
+    real process shows this: in-process calls find JAX already started). It keeps its compiled
+    programs in $XDG_CACHE_HOME/jr_jax/xla, and a second run that loads them writes the same bytes."""
+    args = ("simulate", "--n", "4", "--trials", "1", "--chunk-size", "4", "--out")
+    no_suite_cache = dict(drop=("JAX_COMPILATION_CACHE_DIR", "JR_JAX_COMPILATION_CACHE"),
+                          XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = _run(*args, str(tmp_path / "d.zarr"), **no_suite_cache)
     assert out.returncode == 0, out.stderr
     assert f"on {os.cpu_count()} cpu device(s)" in out.stdout and "dataset: 4 ERPs, 4 valid" in out.stdout
-    assert jr_jax.load_dataset(tmp_path / "d.zarr", verify=True).erp.shape == (4, 1201)
+    first = jr_jax.load_dataset(tmp_path / "d.zarr", verify=True).erp
+    assert first.shape == (4, 1201)
+    cached = sorted(p.name for p in (tmp_path / "cache" / "jr_jax" / "xla").iterdir())
+    assert cached, "no program was kept in the compilation cache"
+    assert _run(*args, str(tmp_path / "d2.zarr"), **no_suite_cache).returncode == 0
+    assert np.asarray(jr_jax.load_dataset(tmp_path / "d2.zarr").erp[:]).tobytes() == np.asarray(first[:]).tobytes()
     out = _run("info", str(tmp_path / "d.zarr"), "--verify")
     assert out.returncode == 0 and "4 in 1 chunks of 4; complete" in out.stdout, out.stdout + out.stderr
 
