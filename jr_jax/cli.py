@@ -495,9 +495,11 @@ def _use_compilation_cache() -> None:
     host callbacks they would keep a program out of the cache, and jr_jax's solves already flag
     failures by value (``throw=False``). Set before JAX compiles anything (no effect after)."""
     folder = compilation_cache_dir()
-    if folder is None:
+    if folder is None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     os.environ.setdefault("EQX_ON_ERROR", "nan")
+    if folder is None:  # JAX's own variable: JAX reads it
+        return
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(folder))
