@@ -171,8 +171,11 @@ def _snr_spec(snr_db):
     return (lo, hi)
 
 
-def add_noise_batch(erp, key, snr, color="white"):
-    """Measurement noise per sample at SNRs drawn uniformly in ``snr = (low, high)`` dB (or clean)."""
+def add_noise_batch(erp, key, snr, color="white", noisy=True):
+    """Measurement noise per sample at SNRs drawn uniformly in ``snr = (low, high)`` dB (or clean).
+
+    ``snr`` may be an array ``(2,)`` and ``noisy`` a traced bool (False: ``erp`` unchanged), so that
+    one compiled training step serves every noise level."""
     if snr is None:
         return erp
     k_snr, k_noise = jax.random.split(key)
@@ -181,7 +184,9 @@ def add_noise_batch(erp, key, snr, color="white"):
     power = jnp.mean(erp**2, axis=(1, 2))
     std = jnp.sqrt(power / 10.0 ** (db / 10.0))
     noise = jax.vmap(lambda k: measurement_noise(k, erp.shape[1:], color, erp.dtype))(jax.random.split(k_noise, n))
-    return erp + std[:, None, None] * noise
+    if noisy is True:
+        return erp + std[:, None, None] * noise
+    return jnp.where(noisy, erp + std[:, None, None] * noise, erp)
 
 
 # scaled targets are kept this far inside (0, 1) before the logit (a prior draw may sit on a bound)
@@ -203,8 +208,8 @@ def _objective(model, x, y, keys=None):
     return jnp.mean((model.batch(x, keys=keys, inference=inference) - y) ** 2)
 
 
-def _loss(model, x_mean, x_std, erp, y, key, snr, color, dropout_key):
-    x = scale_input(add_noise_batch(erp, key, snr, color), x_mean, x_std)
+def _loss(model, x_mean, x_std, erp, y, key, snr, noisy, color, dropout_key):
+    x = scale_input(add_noise_batch(erp, key, snr, color, noisy), x_mean, x_std)
     return _objective(model, x, y, jax.random.split(dropout_key, x.shape[0]))
 
 
@@ -338,10 +343,16 @@ def train(
     optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(lr))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
+    # the SNR range is an argument, not a constant: the trainings of a reproduce run (clean, each
+    # level, the robust range) compile the same program, and the jr-jax command's cache loads it
+    snr_range = jnp.asarray(snr if snr is not None else (0.0, 0.0), jnp.float32)
+    noisy = jnp.asarray(snr is not None)
+
     @eqx.filter_jit
-    def step(model, opt_state, erp, y, key):
+    def step(model, opt_state, erp, y, key, snr_range, noisy):
         k_noise, k_drop = jax.random.split(key)
-        loss, grads = eqx.filter_value_and_grad(_loss)(model, x_mean, x_std, erp, y, k_noise, snr, noise_color, k_drop)
+        loss, grads = eqx.filter_value_and_grad(_loss)(model, x_mean, x_std, erp, y, k_noise, snr_range, noisy,
+                                                       noise_color, k_drop)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         return eqx.apply_updates(model, updates), opt_state, loss
 
@@ -389,7 +400,7 @@ def train(
             for b, (theta, erp) in enumerate(data.batches(epoch, batch_size, seed)):
                 y = (theta - lows) / (highs - lows)
                 model, opt_state, loss = step(model, opt_state, put_batch(erp), put_batch(y),
-                                              jax.random.fold_in(k_epoch, b))
+                                              jax.random.fold_in(k_epoch, b), snr_range, noisy)
                 total, count = total + float(loss), count + 1
                 if announce:
                     now = time.perf_counter()
