@@ -184,8 +184,6 @@ def add_noise_batch(erp, key, snr, color="white", noisy=True):
     power = jnp.mean(erp**2, axis=(1, 2))
     std = jnp.sqrt(power / 10.0 ** (db / 10.0))
     noise = jax.vmap(lambda k: measurement_noise(k, erp.shape[1:], color, erp.dtype))(jax.random.split(k_noise, n))
-    if noisy is True:
-        return erp + std[:, None, None] * noise
     return jnp.where(noisy, erp + std[:, None, None] * noise, erp)
 
 

@@ -494,11 +494,11 @@ def _use_compilation_cache() -> None:
     Equinox's runtime checks become NaN results (``EQX_ON_ERROR=nan``, unless the user set it): as
     host callbacks they would keep a program out of the cache, and jr_jax's solves already flag
     failures by value (``throw=False``). Set before JAX compiles anything (no effect after)."""
+    jax_own = bool(os.environ.get("JAX_COMPILATION_CACHE_DIR"))  # JAX reads its own variable
     folder = compilation_cache_dir()
-    if folder is None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    os.environ.setdefault("EQX_ON_ERROR", "nan")
-    if folder is None:  # JAX's own variable: JAX reads it
+    if folder is not None or jax_own:
+        os.environ.setdefault("EQX_ON_ERROR", "nan")
+    if folder is None:
         return
     import jax
 
