@@ -43,6 +43,9 @@ MEASURED where its condition (an estimator) is absent.
 noise-free ERPs on the protocol from ``jr_jax.Prior()``, ``jr_jax.train(kind="posterior")`` (the reproduction's encoder) with
 fresh white noise at 0-40 dB per batch for ``--train-epochs`` epochs; its time is reported apart.
 
+The fits run as ``jr-jax fit`` runs them: one JAX host device per CPU core (``XLA_FLAGS``, unless
+set), over which the fit splits its batched simulations; the JSON records the device count.
+
 Writes benchmarks/results/fit.json.
 """
 
@@ -381,6 +384,12 @@ def main():
     if args.n < 2:
         ap.error("--n must be >= 2 (parameter R² needs two ERPs)")
 
+    # as the jr-jax command runs: one host device per CPU core, over which the fit splits its
+    # batched simulations (log posteriors, SMC particles, predictive curves); before JAX starts
+    flag = "--xla_force_host_platform_device_count"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={os.cpu_count() or 1}".strip()
+
     import jax
 
     import jr_jax
@@ -431,6 +440,7 @@ def main():
         date_utc=started.isoformat(timespec="seconds"),
         machine=dict(os_cpu_count=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
                      python=platform.python_version(), jax=jax.__version__, jax_backend=jax.default_backend(),
+                     jax_local_devices=len(jax.local_devices()),
                      jr_jax=jr_jax.__version__, load_average_start=load_start),
         notes=notes, protocol=protocol.to_dict(), recording_protocol_same_grid=same_grid,
         prior=prior.to_dict(), fit_options=fit_kw, estimator=args.model, estimator_training=trained,

@@ -38,7 +38,7 @@ from ._estimator import MisspecificationWarning
 from ._flow import from_unbounded, log_jacobian, log_to_unbounded, to_unbounded
 from ._likelihood import _log_prior, _systematic, effective_sample_size, particle_batched, psis, ridge_direction, tempered_smc
 from ._params import Prior
-from ._simulate import Protocol, simulate
+from ._simulate import Protocol, constrain_batch, simulate, spread_batch as _spread
 from ._solve import as_typed_key
 
 RECORDING_GAIN = (1e-7, 1e-1)
@@ -618,8 +618,8 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
     diag["posterior_s"] = time.perf_counter() - t_post
 
     # --- predictive and checks ---------------------------------------------------------------
-    curves = np.asarray(comp["model_jit"](from_unbounded(jnp.asarray(z_post, jnp.float32), lows, highs),
-                                          jnp.asarray(s_post, jnp.float32)), np.float64)
+    curves = np.asarray(comp["model_jit"](*_spread(from_unbounded(jnp.asarray(z_post, jnp.float32), lows, highs),
+                                                   jnp.asarray(s_post, jnp.float32))), np.float64)
     good = np.all(np.isfinite(curves), axis=1)
     erp_fit = curves[good].mean(axis=0)
     band = np.quantile(curves[good], [(1 - level) / 2, (1 + level) / 2], axis=0)
@@ -764,7 +764,7 @@ def _compiled(space: _Space, protocol: Protocol, max_steps: int):
             residuals_and_jac=jax.jit(jax.vmap(lambda z, s, x, sd: (residuals(z, s, x, sd),
                                                                     jax.jacfwd(residuals)(z, s, x, sd)),
                                                in_axes=(0, 0, None, None))),
-            model_jit=jax.jit(lambda u, s: model(u, s)), prior_sd_derived=_prior_sd_derived(space.prior))
+            model_jit=jax.jit(lambda u, s: model(constrain_batch(u), constrain_batch(s))), prior_sd_derived=_prior_sd_derived(space.prior))
         _COMPILED[key]["smc"] = _smc_functions(space, log_post, lows, highs)
     comp = _COMPILED[key]
     if max_steps not in comp["solve"]:
@@ -1294,6 +1294,7 @@ def _batched_log_post(space, model, lows, highs):
     prior_residuals = _prior_residuals(space.prior)
 
     def log_post(z, sign, xj, noise_sd):
+        z, sign = constrain_batch(z), constrain_batch(sign)  # the batch split over the devices, if several
         u = from_unbounded(z, lows, highs)
         m = model(u, sign)
         val = -0.5 * jnp.sum(((xj - m) / noise_sd) ** 2, axis=1) - 0.5 * jnp.sum(prior_residuals(z, u) ** 2, axis=1)
@@ -1324,8 +1325,8 @@ def _eval_log_post(fn, z, sign, x, noise_sd, chunk: int = 1024) -> np.ndarray:
         if n < size:  # pad to a compiled shape
             zc = np.concatenate([zc, np.repeat(zc[-1:], size - n, 0)])
             sc = np.concatenate([sc, np.repeat(sc[-1:], size - n)])
-        out.append(np.asarray(fn(jnp.asarray(zc, jnp.float32), jnp.asarray(sc, jnp.float32), x, noise_sd),
-                              np.float64)[:n])
+        zc, sc = _spread(jnp.asarray(zc, jnp.float32), jnp.asarray(sc, jnp.float32))
+        out.append(np.asarray(fn(zc, sc, x, noise_sd), np.float64)[:n])
     return np.concatenate(out)
 
 

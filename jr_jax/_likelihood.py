@@ -24,7 +24,7 @@ import numpy as np
 from ._estimator import MisspecificationWarning
 from ._flow import from_unbounded
 from ._params import Prior
-from ._simulate import Protocol, simulate
+from ._simulate import Protocol, simulate, spread_batch
 from ._solve import as_typed_key
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -457,7 +457,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
 
     step = (_cached_smc_step if data is not None else _smc_step)(log_q, log_target, mcmc_steps, data is not None)
     k0, key = jax.random.split(key)
-    z0 = sample_q(k0, n_particles)
+    z0 = spread_batch(sample_q(k0, n_particles))  # the particles split over the local devices, if several
     state = blackjax.smc.tempered.init(z0)
     log_z, steps, acc, betas = 0.0, 0, [], []
     scale = 2.38 / math.sqrt(d)  # random-walk scale on the particles' covariance, adapted to the acceptance

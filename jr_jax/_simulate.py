@@ -253,6 +253,39 @@ def _erp_batch(protocol: Protocol, stochastic: bool, differentiation: str, param
 _erp_batch_jit = jax.jit(_erp_batch, static_argnums=(0, 1, 2))
 
 
+def spread_batch(*arrays):
+    """The arrays placed with their leading (batch) axis split over the local devices, when there
+    are several (e.g. one host device per CPU core, as the ``jr-jax`` command sets up) and they
+    divide its length; else unchanged. XLA then runs each device's share of a batched simulation
+    (the batch inside one solve's state, as :func:`simulate` solves it) on its own core; each row's
+    arithmetic is unchanged. Not for a ``jax.vmap`` over solves (the fit's Levenberg-Marquardt
+    starts): the vmapped loop's condition then joins the devices at every step, which on a CPU costs
+    far more than it saves."""
+    devices = jax.local_devices()
+    n = arrays[0].shape[0]
+    if len(devices) < 2 or n % len(devices):
+        return arrays[0] if len(arrays) == 1 else arrays
+    sharding = _batch_sharding(tuple(devices))
+    out = tuple(jax.device_put(jnp.asarray(a), sharding) for a in arrays)
+    return out[0] if len(out) == 1 else out
+
+
+def constrain_batch(x):
+    """Inside ``jax.jit``: :func:`spread_batch`'s split of ``x``'s leading axis over the local devices,
+    as a sharding constraint, so that it holds whatever placement the inputs arrived with (a
+    resampled set of particles, for instance, comes out of a gather replicated)."""
+    devices = jax.local_devices()
+    if len(devices) < 2 or x.shape[0] % len(devices):
+        return x
+    return jax.lax.with_sharding_constraint(x, _batch_sharding(tuple(devices)))
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_sharding(devices):
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+
+
 def simulate(
     params: JRParams,
     protocol: Protocol | None = None,
