@@ -966,17 +966,39 @@ def _solve_batch(residuals, max_steps):
     import optimistix as optx
 
     solver = optx.LevenbergMarquardt(rtol=1e-3, atol=1e-3)
+    fn = _forward_jacobian(residuals)
 
     @jax.jit
     def run(z0, sign, x, noise_sd):
         def one(z, s):
-            sol = optx.least_squares(lambda zz, args: residuals(zz, *args), solver, z, args=(s, x, noise_sd),
+            sol = optx.least_squares(lambda zz, args: fn(zz, *args), solver, z, args=(s, x, noise_sd),
                                      max_steps=max_steps, throw=False)
             return sol.value, sol.result == optx.RESULTS.successful, sol.stats["num_steps"]
 
         return jax.vmap(one)(z0, sign)
 
     return run
+
+
+def _forward_jacobian(residuals):
+    """``residuals`` whose derivative in ``z`` is its Jacobian ``(R, d)``, computed with the value in
+    one forward-mode pass (``jax.jacfwd``: the d tangents ride along the solve of the ERP) and then
+    applied as a matrix. Levenberg-Marquardt linearises the residuals at every step and materialises
+    that linear map; through the ERP's solve itself, ``jax.linearize`` would store the whole
+    trajectory's linearisation and replay it for each of the d directions. The other arguments (the
+    gain's sign, the data, the noise SD) are constants of the solve: they get no derivative."""
+
+    @jax.custom_jvp
+    def fn(z, sign, xj, noise_sd):
+        return residuals(z, sign, xj, noise_sd)
+
+    @fn.defjvp
+    def _jvp(primals, tangents):
+        z, sign, xj, noise_sd = primals
+        jac, r = jax.jacfwd(lambda zz: (residuals(zz, sign, xj, noise_sd),) * 2, has_aux=True)(z)
+        return r, jac @ tangents[0]
+
+    return fn
 
 
 def _laplace_cov(jac: np.ndarray) -> np.ndarray:

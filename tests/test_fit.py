@@ -494,3 +494,27 @@ def test_the_fits_batches_split_over_two_devices_as_on_one():
     assert two["reached"]
     np.testing.assert_allclose(two["smc_mean"], [1.0, 1.0], atol=0.15)
     np.testing.assert_allclose(two["smc_sd"], [0.5, 0.5], rtol=0.2)
+
+
+def test_the_solves_residuals_carry_their_forward_jacobian(observation):
+    """The Levenberg-Marquardt residuals (:func:`jr_jax._fit._forward_jacobian`): the same value as
+    the residuals, and a linearisation (as optimistix takes it, then materialises it) equal to the
+    Jacobian by ``jax.jacfwd`` through the solve and to central differences in float32 where the
+    derivative is well above their rounding."""
+    x, sd, _, _ = observation
+    comp = _fit._compiled(_fit._Space(PRIOR, None, None, 1.0), PROTOCOL, 25)
+    res = comp["residuals"]
+    fn = _fit._forward_jacobian(res)
+    args = (jnp.float32(1.0), jnp.asarray(x, jnp.float32), jnp.float32(sd))
+    z = jnp.array([0.3, -0.2], jnp.float32)
+    value, lin = jax.linearize(lambda zz: fn(zz, *args), z)
+    jac = jax.vmap(lin)(jnp.eye(2, dtype=jnp.float32)).T
+    r = np.asarray(res(z, *args))  # the same float32 solve, compiled along another path: to its rounding
+    np.testing.assert_allclose(np.asarray(value), r, rtol=0, atol=1e-6 * np.abs(r).max())
+    ref = np.asarray(jax.jacfwd(lambda zz: res(zz, *args))(z))
+    np.testing.assert_allclose(np.asarray(jac), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    h = 1e-2  # float32: the second-order error h^2 |r'''| stays below 1 % of the largest entries
+    fd = np.stack([(np.asarray(res(z + h * e, *args)) - np.asarray(res(z - h * e, *args))) / (2 * h)
+                   for e in np.eye(2, dtype=np.float32)], axis=1)
+    big = np.abs(ref) > 0.1 * np.abs(ref).max()
+    np.testing.assert_allclose(fd[big], ref[big], rtol=0.02)
