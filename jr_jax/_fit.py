@@ -24,6 +24,7 @@ truncated normal prior when ``prior.kind == "normal"``. So the MAP is a least-sq
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -761,8 +762,7 @@ def _compiled(space: _Space, protocol: Protocol, max_steps: int):
         _COMPILED[key] = dict(
             model=model, lows=lows, highs=highs, log_post=log_post, log_post_jit=jax.jit(log_post),
             residuals=residuals, solve={},
-            residuals_and_jac=jax.jit(jax.vmap(lambda z, s, x, sd: (residuals(z, s, x, sd),
-                                                                    jax.jacfwd(residuals)(z, s, x, sd)),
+            residuals_and_jac=jax.jit(jax.vmap(functools.partial(_residuals_and_jacobian, residuals),
                                                in_axes=(0, 0, None, None))),
             model_jit=jax.jit(lambda u, s: model(constrain_batch(u), constrain_batch(s))), prior_sd_derived=_prior_sd_derived(space.prior))
         _COMPILED[key]["smc"] = _smc_functions(space, log_post, lows, highs)
@@ -994,11 +994,16 @@ def _forward_jacobian(residuals):
 
     @fn.defjvp
     def _jvp(primals, tangents):
-        z, sign, xj, noise_sd = primals
-        jac, r = jax.jacfwd(lambda zz: (residuals(zz, sign, xj, noise_sd),) * 2, has_aux=True)(z)
+        r, jac = _residuals_and_jacobian(residuals, *primals)
         return r, jac @ tangents[0]
 
     return fn
+
+
+def _residuals_and_jacobian(residuals, z, sign, xj, noise_sd):
+    """``(r (R,), dr/dz (R, d))`` from one forward-mode pass (the value rides along the tangents)."""
+    jac, r = jax.jacfwd(lambda zz: (residuals(zz, sign, xj, noise_sd),) * 2, has_aux=True)(z)
+    return r, jac
 
 
 def _laplace_cov(jac: np.ndarray) -> np.ndarray:

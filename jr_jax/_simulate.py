@@ -282,6 +282,7 @@ def constrain_batch(x):
 
 @functools.lru_cache(maxsize=None)
 def _batch_sharding(devices):
+    """The leading axis split over ``devices`` (one mesh axis, "batch")."""
     mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
@@ -347,10 +348,7 @@ def simulate(
         chunk = -(-chunk // n_dev) * n_dev
     if traced and chunk < n:
         raise ValueError("under jax.jit, simulate needs the whole batch in one chunk: pass chunk_size >= N")
-    sharding = None
-    if n_dev > 1 and not traced:
-        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    sharding = _batch_sharding(tuple(devices)) if n_dev > 1 and not traced else None
 
     outputs = []
     for start in range(0, n, chunk):
