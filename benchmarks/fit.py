@@ -226,6 +226,8 @@ def simulated(args, prior, protocol, estimator, fit_kw, key, checkpoint=lambda o
                        n_starts=int(len(res.converged)), n_modes=res.n_modes, sampler=res.sampler,
                        pareto_k=res.pareto_k, ess=res.ess,
                        smc_reached_posterior=res.diagnostics.get("smc_reached_posterior"),
+                       smc_acceptance=res.diagnostics.get("smc_acceptance_rate"),
+                       smc_distinct_fraction=res.diagnostics.get("smc_distinct_fraction"),
                        map=[float(res.params[n]) for n in names], mean=res.samples[:, :d].mean(axis=0),
                        truth=theta[i], warnings=msgs)
             first_done = True
@@ -334,6 +336,9 @@ def real(args, fit_kw, key):
                    sampler=res.sampler, pareto_k=res.pareto_k, ess=res.ess,
                    smc_reached_posterior=res.diagnostics.get("smc_reached_posterior"),
                    smc_steps=res.diagnostics.get("smc_smc_steps"),
+                   smc_acceptance=res.diagnostics.get("smc_acceptance_rate"),
+                   smc_final_acceptance=res.diagnostics.get("smc_final_acceptance"),
+                   smc_distinct_fraction=res.diagnostics.get("smc_distinct_fraction"),
                    map={k: float(v) for k, v in res.params.items()}, warnings=msgs,
                    protocol=rec.protocol.to_dict())
         rows.append(row)

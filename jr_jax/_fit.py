@@ -607,6 +607,9 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             # direction are not, and spread C and the a_k over what the prior allows (no simulation)
             w_smc, _, smc_diag["ridge_acceptance"] = _ridge_moves(
                 _host_rng(jax.random.fold_in(k_smc, 1)), np.asarray(w_smc, np.float64), ridge[0], prior, n_log, 30)
+        # the particles' diversity after the moves: the last reweighting keeps an ESS of at least half
+        # the particles by construction, so this (and the acceptance) says how well the moves mixed
+        smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
         z_smc = np.asarray(_z_from_w(jnp.asarray(w_smc, jnp.float32), lows, highs, n_log)[0], np.float64)
         smc_diag["coordinates"] = "log(theta), z for gain and latency" if n_log else "z"
         idx = _host_rng(k_res).choice(z_smc.shape[0], n_samples, replace=z_smc.shape[0] < n_samples)

@@ -407,31 +407,49 @@ def ridge_direction(names, d: int | None = None) -> np.ndarray | None:
 
 
 def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
-    """One jitted step of adaptive tempered SMC for (log_q, log_target); with ``with_data`` both take
-    ``(z, data)`` and the data are an argument, not a constant (see :func:`_cached_smc_step`)."""
+    """The jitted pieces of :func:`tempered_smc` for (log_q, log_target): ``log_ratio(z (n, d), data)``
+    gives log target - log q per particle; ``move(key, z, beta, chol (n, d, d), data)`` runs
+    ``mcmc_steps`` random-walk Metropolis steps (BlackJAX) of each particle on
+    q^(1 - beta) target^beta and returns the particles, their acceptance rates and log ratios. With
+    ``with_data`` both densities take ``(z, data)`` and the data are an argument, not a constant (see
+    :func:`_cached_smc_step`)."""
     import blackjax
 
-    add_step = blackjax.additive_step_random_walk.build_kernel()
+    rw_kernel = blackjax.additive_step_random_walk.build_kernel()
 
-    def rw_step(rng_key, state, logdensity_fn, chol):
-        return add_step(rng_key, state, logdensity_fn, lambda k, pos: chol @ jax.random.normal(k, pos.shape))
-
-    @jax.jit
-    def step(k, state, chol, data):
+    def densities(data):
         lq = (lambda z: log_q(z, data)) if with_data else log_q
         lt = (lambda z: log_target(z, data)) if with_data else log_target
 
-        def log_target_over_q(z):
+        def log_ratio(z):
             v = lt(z)
             return jnp.where(jnp.isfinite(v), v - lq(z), -jnp.inf)
 
-        kernel = blackjax.adaptive_tempered_smc(
-            lq, log_target_over_q, rw_step, blackjax.rmh.init, dict(chol=chol[None]),
-            blackjax.smc.resampling.systematic, 0.5, num_mcmc_steps=mcmc_steps)
-        new, info = kernel.step(k, state)
-        return new, info.log_likelihood_increment, jnp.mean(info.update_info.is_accepted)
+        return lq, log_ratio
 
-    return step
+    @jax.jit
+    def log_ratio(z, data):
+        return jax.vmap(densities(data)[1])(z)
+
+    @jax.jit
+    def move(k, z, beta, chol, data):
+        lq, ratio = densities(data)
+
+        def tempered(x):  # beta > 0 here: -inf ratios stay -inf
+            return lq(x) + beta * ratio(x)
+
+        def one(k1, x, c):
+            def body(state, kk):
+                state, info = rw_kernel(kk, state, tempered, lambda k2, pos: c @ jax.random.normal(k2, pos.shape))
+                return state, info.is_accepted
+
+            state, accepted = jax.lax.scan(body, blackjax.rmh.init(x, tempered), jax.random.split(k1, mcmc_steps))
+            return state.position, jnp.mean(accepted)
+
+        z, acc = jax.vmap(one)(jax.random.split(k, z.shape[0]), z, chol)
+        return z, acc, jax.vmap(ratio)(z)
+
+    return log_ratio, move
 
 
 #: with the data an argument, module-level (log_q, log_target) compile once for every observation;
@@ -439,51 +457,104 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
 _cached_smc_step = functools.lru_cache(maxsize=8)(_smc_step)
 
 
+def _ess_fraction(log_w: np.ndarray) -> float:
+    """ESS / n of the weights ``exp(log_w)`` (float64; -inf weighs nothing)."""
+    finite = np.isfinite(log_w)
+    if not finite.any():
+        return 0.0
+    lw = log_w[finite] - log_w[finite].max()
+    return float(np.exp(2 * np.log(np.sum(np.exp(lw))) - np.log(np.sum(np.exp(2 * lw)))) / len(log_w))
+
+
+def _next_temperature(ratio: np.ndarray, beta: float, target: float = 0.5) -> float:
+    """The next temperature after ``beta``: 1 when reweighting the particles (log ratios ``ratio``)
+    by the whole rest keeps ESS / n >= ``target``, else the one that gives ESS / n = ``target``
+    (bisection; the ESS falls as the step grows)."""
+    with np.errstate(invalid="ignore"):
+        if _ess_fraction((1.0 - beta) * ratio) >= target:
+            return 1.0
+        lo, hi = 0.0, 1.0 - beta
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _ess_fraction(mid * ratio) >= target else (lo, mid)
+    return beta + max(lo, 1e-9)
+
+
 def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None, ridge=None,
                  ridge_scale: float = 0.3):
-    """Adaptive tempered SMC (BlackJAX) from a tractable q(z) to a target in R^d:
-    pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1 chosen to keep the ESS at half;
-    random-walk Metropolis moves on the particles' covariance, scale adapted towards acceptance 0.23.
+    """Adaptive tempered SMC from a tractable q(z) to a target in R^d:
+    pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1.
+
+    Each step takes equally weighted particles at beta, chooses the next temperature so that the
+    reweighting keeps the ESS at half (or goes to 1 when that keeps more), reweights, resamples
+    (systematic) and moves the particles by random-walk Metropolis (BlackJAX's kernel) on the new
+    tempered target. The temperature is chosen on the very particles it reweights, so every
+    reweighting, the last one included, keeps an ESS of at least half the particles however well the
+    moves mix. (BlackJAX's adaptive tempered SMC chooses it on the particles before they are resampled
+    and moved: where the moves seldom succeed, the last reweighting there kept an ESS of 4 of 500.)
+
+    The moves' proposal is the particles' covariance times a scale per particle, drawn
+    log-uniformly within a factor e of a centre; after each step the centre moves to the scales'
+    mean (in log) weighted by each particle's acceptance x scale^2, the expected squared jump in the
+    covariance's metric (Fearnhead & Taylor 2013).
 
     ``log_q``, ``log_target``: per-particle log densities (``log_target`` may be
     :func:`particle_batched`); ``sample_q(key, n) -> (n, d)``. Returns equally weighted particles
-    ``(n_particles, d)`` (resampled), the log-evidence estimate and diagnostics. With ``data``
-    (a pytree, e.g. the observed ERP), ``log_q`` and ``log_target`` take ``(z, data)``: the same
-    module-level functions then compile once for every observation. ``ridge`` (``(k, d)``): directions
-    along which the target is known to be flat but for the prior (in log(theta), the exact
-    (C, a_k) -> (lambda C, a_k / lambda) line); the random-walk proposal gets ``ridge_scale^2 R^T R``
-    added to its covariance, so that particles started narrow along it still spread over it."""
-    import blackjax
-
-    step = (_cached_smc_step if data is not None else _smc_step)(log_q, log_target, mcmc_steps, data is not None)
+    ``(n_particles, d)`` (resampled after the last reweighting), the log-evidence estimate and
+    diagnostics (``final_ess``: the ESS of the last reweighting). With ``data`` (a pytree, e.g. the
+    observed ERP), ``log_q`` and ``log_target`` take ``(z, data)``: the same module-level functions then
+    compile once for every observation. ``ridge`` (``(k, d)``): directions along which the target is
+    known to be flat but for the prior (in log(theta), the exact (C, a_k) -> (lambda C, a_k / lambda)
+    line); the random-walk proposal gets ``ridge_scale^2 R^T R`` added to its covariance, so that
+    particles started narrow along it still spread over it."""
+    log_ratio, move = (_cached_smc_step if data is not None else _smc_step)(log_q, log_target, mcmc_steps,
+                                                                           data is not None)
     k0, key = jax.random.split(key)
-    z0 = spread_batch(sample_q(k0, n_particles))  # the particles split over the local devices, if several
-    state = blackjax.smc.tempered.init(z0)
-    log_z, steps, acc, betas = 0.0, 0, [], []
-    scale = 2.38 / math.sqrt(d)  # random-walk scale on the particles' covariance, adapted to the acceptance
-    while float(state.tempering_param) < 1.0 and steps < max_steps:
-        key, k = jax.random.split(key)
-        z, w = state.particles, state.weights
-        mean = jnp.sum(w[:, None] * z, axis=0)
-        cov = (w[:, None] * (z - mean)).T @ (z - mean) + 1e-6 * jnp.eye(d)
-        prop = scale**2 * cov
-        if ridge is not None:
-            r = jnp.asarray(ridge, cov.dtype).reshape(-1, d)
-            prop = prop + ridge_scale**2 * r.T @ r
-        chol = jnp.linalg.cholesky(prop)
-        state, inc, a = step(k, state, chol, data)
-        log_z += float(inc)
-        acc.append(float(a))
-        betas.append(float(state.tempering_param))
+    z = spread_batch(jnp.asarray(sample_q(k0, n_particles)))  # split over the local devices, if several
+    ratio = np.asarray(log_ratio(z, data), np.float64)
+    beta, log_z, steps, acc, betas, scales = 0.0, 0.0, 0, [], [], []
+    # the centre of the particles' random-walk scales (log, on the particles' covariance), its bounds,
+    # and the half-width of the log-uniform spread around it
+    log_scale, log_lo, log_hi, spread = math.log(2.38 / math.sqrt(d)), math.log(0.01 / math.sqrt(d)), math.log(3.0), 1.0
+    log_w = np.zeros(n_particles)
+    while beta < 1.0 and steps < max_steps:
+        key, k_res, k_move, k_scale = jax.random.split(key, 4)
+        new_beta = _next_temperature(ratio, beta)
+        with np.errstate(invalid="ignore"):
+            log_w = np.where(np.isfinite(ratio), (new_beta - beta) * ratio, -np.inf)
+        if not np.isfinite(log_w).any():
+            break
+        log_z += float(np.logaddexp.reduce(log_w) - math.log(n_particles))
+        beta = new_beta
+        betas.append(beta)
         steps += 1
-        # aim at the random-walk optimum of about 0.23: shrink after few acceptances, widen after many
-        scale = float(np.clip(scale * math.exp(2.0 * (acc[-1] - 0.234)), 0.05 / math.sqrt(d), 3.0))
-    z_final = np.asarray(state.particles, np.float64)
+        if beta >= 1.0:
+            break
+        w = np.exp(log_w - np.logaddexp.reduce(log_w))
+        zn = np.asarray(z, np.float64)
+        mean = w @ zn
+        cov = (w[:, None] * (zn - mean)).T @ (zn - mean) + 1e-6 * np.eye(d)
+        z = spread_batch(jnp.asarray(zn[_systematic(k_res, log_w, n_particles)], jnp.float32))
+        s = np.exp(log_scale + spread * np.asarray(jax.random.uniform(k_scale, (n_particles,), minval=-1.0,
+                                                                      maxval=1.0), np.float64))
+        prop = s[:, None, None] ** 2 * cov
+        if ridge is not None:
+            r = np.asarray(ridge, np.float64).reshape(-1, d)
+            prop = prop + ridge_scale**2 * r.T @ r
+        chol = spread_batch(jnp.asarray(np.linalg.cholesky(prop), jnp.float32))  # (n, d, d), split like z
+        z, a, ratio = move(k_move, z, jnp.float32(beta), chol, data)
+        a, ratio = np.asarray(a, np.float64), np.asarray(ratio, np.float64)
+        acc.append(float(a.mean()))
+        scales.append(float(math.exp(log_scale)))
+        jump = a * s**2  # each particle's expected squared jump, up to the factor d
+        log_scale = float(np.sum(jump * np.log(s)) / jump.sum()) if jump.sum() > 0 else log_scale - spread
+        log_scale = min(max(log_scale, log_lo), log_hi)
+    z_final = np.asarray(z, np.float64)
     finite_particles = bool(np.all(np.isfinite(z_final)))
-    w = np.asarray(state.weights, np.float64)
+    w = np.exp(log_w - np.logaddexp.reduce(log_w)) if np.isfinite(log_w).any() else np.full(n_particles, 1.0 / n_particles)
     diag = dict(smc_steps=steps, temperatures=betas, acceptance_rate=float(np.mean(acc)) if acc else 0.0,
-                acceptance_per_step=acc, final_ess=float(1.0 / np.sum(w**2)), particles=n_particles,
-                reached_posterior=bool(float(state.tempering_param) >= 1.0) and finite_particles,
-                likelihood_evaluations=steps * n_particles * (mcmc_steps + 1))
+                acceptance_per_step=acc, scale_per_step=scales, final_ess=float(1.0 / np.sum(w**2)), particles=n_particles,
+                reached_posterior=beta >= 1.0 and finite_particles,
+                likelihood_evaluations=n_particles * (1 + len(acc) * (mcmc_steps + 1)))
     idx = _systematic(key, np.log(np.maximum(w, 1e-300)), n_particles)
     return z_final[idx], log_z, diag
