@@ -341,6 +341,12 @@ def real(args, fit_kw, key):
                    smc_distinct_fraction=res.diagnostics.get("smc_distinct_fraction"),
                    map={k: float(v) for k, v in res.params.items()}, warnings=msgs,
                    protocol=rec.protocol.to_dict())
+        if args.figures:
+            fig_path = Path(args.figures) / f"fit_real_{cond.lower().replace(' ', '_')}.png"
+            fig_path.parent.mkdir(parents=True, exist_ok=True)
+            res.plot(fig_path, title=f"{cond} (sample_audvis, nave {rec.nave}), mode 1: R² {res.r2:.2f}, "
+                                     f"reduced χ² {res.chi2_reduced:.2f}")
+            row["figure"] = str(fig_path)
         rows.append(row)
         print(f"  {cond:15s}: chi2 {res.chi2_reduced:7.3f} (MAP {res.chi2_reduced_map:7.3f})  R2 {res.r2:6.3f}  "
               f"{row['converged']}/{row['n_starts']} conv, {res.n_modes} mode(s), {res.sampler}, ESS {res.ess:6.0f}  "
@@ -368,6 +374,8 @@ def main():
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), help="conditions of the real recording")
     ap.add_argument("--no-real", action="store_true", help="skip the real recording")
     ap.add_argument("--no-sim", action="store_true", help="skip the simulated ERPs")
+    ap.add_argument("--figures", default=None,
+                    help="a folder for each real condition's figure (FitResult.plot), fit_real_<condition>.png")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="a remark stored with the results (e.g. the machine was shared)")
     ap.add_argument("--out", default="benchmarks/results/fit.json")
