@@ -601,15 +601,16 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         w_smc, smc_diag["final_acceptance"] = _metropolis_moves(
             post_jit, w_smc, jnp.asarray(2.38 / math.sqrt(d) * np.linalg.cholesky(cov), jnp.float32),
             jax.random.fold_in(k_smc, 2), 2 * smc_mcmc_steps, adapt=True)
+        # the particles' diversity after the random-walk moves (before the ridge moves, which move
+        # almost every particle): the last reweighting keeps an ESS of at least half the particles by
+        # construction, so this and the acceptance say how well the moves mixed
+        smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
         if ridge is not None:
             # Metropolis moves along the exact ridge: the likelihood does not change there, only the
             # prior and the Jacobian do, so these moves are accepted where random-walk moves in every
             # direction are not, and spread C and the a_k over what the prior allows (no simulation)
             w_smc, _, smc_diag["ridge_acceptance"] = _ridge_moves(
                 _host_rng(jax.random.fold_in(k_smc, 1)), np.asarray(w_smc, np.float64), ridge[0], prior, n_log, 30)
-        # the particles' diversity after the moves: the last reweighting keeps an ESS of at least half
-        # the particles by construction, so this (and the acceptance) says how well the moves mixed
-        smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
         z_smc = np.asarray(_z_from_w(jnp.asarray(w_smc, jnp.float32), lows, highs, n_log)[0], np.float64)
         smc_diag["coordinates"] = "log(theta), z for gain and latency" if n_log else "z"
         idx = _host_rng(k_res).choice(z_smc.shape[0], n_samples, replace=z_smc.shape[0] < n_samples)

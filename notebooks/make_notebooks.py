@@ -442,7 +442,10 @@ moves in the other directions are accepted at the rate below; where that rate is
 the intervals of the other parameters may be too narrow."""),
     ("code", """\
 rate = result.diagnostics.get("smc_acceptance_rate")
-print("SMC random-walk acceptance:", "not run (importance sampling passed)" if rate is None else f"{rate:.1%}")"""),
+print("SMC random-walk acceptance:", "not run (importance sampling passed)" if rate is None else f"{rate:.1%}")
+if rate is not None:
+    print(f"distinct particles at the end: {result.diagnostics['smc_distinct_fraction']:.0%} "
+          f"(the ESS of the last reweighting is at least half the particles by construction)")"""),
 ]
 
 NOTEBOOKS = {"gradient_sensitivity.ipynb": GRADIENT, "oat_sweeps.ipynb": OAT, "inference.ipynb": INFERENCE,
