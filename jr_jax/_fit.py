@@ -596,15 +596,15 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP at 10 dB) after which the
         # kernel's few moves leave duplicated particles and a too narrow spread
         post_jit = lambda wb: smc["log_post"](wb, smc_data)  # noqa: E731
+        # the distinct particles at the end of the tempering, before these sweeps: the last reweighting
+        # keeps an ESS of at least half the particles by construction, so this and the acceptance say
+        # how well the tempering's moves mixed
+        smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
         w_smc = jnp.asarray(w_smc, jnp.float32)
         cov = np.cov(np.asarray(w_smc, np.float64), rowvar=False).reshape(d, d) + 1e-8 * np.eye(d)
         w_smc, smc_diag["final_acceptance"] = _metropolis_moves(
             post_jit, w_smc, jnp.asarray(2.38 / math.sqrt(d) * np.linalg.cholesky(cov), jnp.float32),
             jax.random.fold_in(k_smc, 2), 2 * smc_mcmc_steps, adapt=True)
-        # the particles' diversity after the random-walk moves (before the ridge moves, which move
-        # almost every particle): the last reweighting keeps an ESS of at least half the particles by
-        # construction, so this and the acceptance say how well the moves mixed
-        smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
         if ridge is not None:
             # Metropolis moves along the exact ridge: the likelihood does not change there, only the
             # prior and the Jacobian do, so these moves are accepted where random-walk moves in every
