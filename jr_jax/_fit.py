@@ -590,8 +590,17 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             z_lap = jnp.asarray(_t_mixture_sample(k3, centres, mchols, mix, n - n_prior)[0], jnp.float32)
             return _w_from_z(jnp.concatenate([z_prior, z_lap]), lows, highs, n_log)
 
+        # the Laplace covariance of the most probable mode, carried from z to w (a diagonal Jacobian):
+        # the moves keep every direction even when resampling leaves only a few distinct particles
+        b = int(np.argmax(mix))
+        lo64, hi64 = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
+        sig = 1.0 / (1.0 + np.exp(-np.asarray(centres[b], np.float64)))
+        dw_dz = np.ones(d)
+        dw_dz[:n_log] = ((hi64 - lo64) * sig * (1.0 - sig) / (lo64 + (hi64 - lo64) * sig))[:n_log]
+        lap_chol_w = dw_dz[:, None] * np.asarray(mchols[b], np.float64)
+        laplace_cov_w = lap_chol_w @ lap_chol_w.T
         w_smc, _, smc_diag = tempered_smc(smc["log_q"], sample_q, smc["log_target"], k_smc, d, smc_particles,
-                                          smc_mcmc_steps, 100, data=smc_data, ridge=ridge)
+                                          smc_mcmc_steps, 100, data=smc_data, ridge=ridge, base_cov=laplace_cov_w)
         # then 2 x smc_mcmc_steps sweeps at the posterior on the particles' covariance: the last
         # tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP at 10 dB) after which the
         # kernel's few moves leave duplicated particles and a too narrow spread
@@ -601,7 +610,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # how well the tempering's moves mixed
         smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
         w_smc = jnp.asarray(w_smc, jnp.float32)
-        cov = np.cov(np.asarray(w_smc, np.float64), rowvar=False).reshape(d, d) + 1e-8 * np.eye(d)
+        cov = np.cov(np.asarray(w_smc, np.float64), rowvar=False).reshape(d, d) + laplace_cov_w + 1e-8 * np.eye(d)
         w_smc, smc_diag["final_acceptance"] = _metropolis_moves(
             post_jit, w_smc, jnp.asarray(2.38 / math.sqrt(d) * np.linalg.cholesky(cov), jnp.float32),
             jax.random.fold_in(k_smc, 2), 2 * smc_mcmc_steps, adapt=True)

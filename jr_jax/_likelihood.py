@@ -481,7 +481,7 @@ def _next_temperature(ratio: np.ndarray, beta: float, target: float = 0.5) -> fl
 
 
 def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None, ridge=None,
-                 ridge_scale: float = 0.3):
+                 ridge_scale: float = 0.3, base_cov=None):
     """Adaptive tempered SMC from a tractable q(z) to a target in R^d:
     pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1.
 
@@ -506,7 +506,14 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     compile once for every observation. ``ridge`` (``(k, d)``): directions along which the target is
     known to be flat but for the prior (in log(theta), the exact (C, a_k) -> (lambda C, a_k / lambda)
     line); the random-walk proposal gets ``ridge_scale^2 R^T R`` added to its covariance, so that
-    particles started narrow along it still spread over it."""
+    particles started narrow along it still spread over it. ``base_cov`` (``(d, d)``, e.g. a Laplace
+    covariance of the target): added to the particles' covariance before the scale, so that the
+    proposal keeps every direction when the resampled particles are few distinct points (their
+    covariance then has a low rank).
+
+    ``final_ess`` counts duplicated particles once: the weights of copies of one point are summed
+    before the ESS is taken, so a population resampled down to a few distinct points reports that
+    few, however many copies it holds."""
     log_ratio, move = (_cached_smc_step if data is not None else _smc_step)(log_q, log_target, mcmc_steps,
                                                                            data is not None)
     k0, key = jax.random.split(key)
@@ -534,6 +541,8 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
         zn = np.asarray(z, np.float64)
         mean = w @ zn
         cov = (w[:, None] * (zn - mean)).T @ (zn - mean) + 1e-6 * np.eye(d)
+        if base_cov is not None:
+            cov = cov + np.asarray(base_cov, np.float64)
         z = spread_batch(jnp.asarray(zn[_systematic(k_res, log_w, n_particles)], jnp.float32))
         s = np.exp(log_scale + spread * np.asarray(jax.random.uniform(k_scale, (n_particles,), minval=-1.0,
                                                                       maxval=1.0), np.float64))
@@ -552,8 +561,11 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     z_final = np.asarray(z, np.float64)
     finite_particles = bool(np.all(np.isfinite(z_final)))
     w = np.exp(log_w - np.logaddexp.reduce(log_w)) if np.isfinite(log_w).any() else np.full(n_particles, 1.0 / n_particles)
+    _, copies_of = np.unique(z_final, axis=0, return_inverse=True)
+    w_distinct = np.bincount(copies_of.ravel(), weights=w)  # the weight of each distinct point
     diag = dict(smc_steps=steps, temperatures=betas, acceptance_rate=float(np.mean(acc)) if acc else 0.0,
-                acceptance_per_step=acc, scale_per_step=scales, final_ess=float(1.0 / np.sum(w**2)), particles=n_particles,
+                acceptance_per_step=acc, scale_per_step=scales, final_ess=float(1.0 / np.sum(w_distinct**2)),
+                distinct_before_last_reweighting=int(len(w_distinct)), particles=n_particles,
                 reached_posterior=beta >= 1.0 and finite_particles,
                 likelihood_evaluations=n_particles * (1 + len(acc) * (mcmc_steps + 1)))
     idx = _systematic(key, np.log(np.maximum(w, 1e-300)), n_particles)
