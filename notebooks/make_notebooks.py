@@ -445,8 +445,8 @@ rate = result.diagnostics.get("smc_acceptance_rate")
 print("SMC random-walk acceptance:", "not run (importance sampling passed)" if rate is None else f"{rate:.1%}")
 if rate is not None:
     print(f"distinct particles at the end of the tempering: {result.diagnostics['smc_distinct_fraction']:.0%} "
-          f"(the ESS of the last reweighting is at least half the particles by construction); the "
-          f"final sweeps at the posterior were accepted {result.diagnostics['smc_final_acceptance']:.0%} of the time")"""),
+          f"(the ESS above counts each distinct point once); the final sweeps at the posterior were "
+          f"accepted {result.diagnostics['smc_final_acceptance']:.0%} of the time")"""),
 ]
 
 NOTEBOOKS = {"gradient_sensitivity.ipynb": GRADIENT, "oat_sweeps.ipynb": OAT, "inference.ipynb": INFERENCE,
