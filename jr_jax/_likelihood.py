@@ -489,9 +489,10 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     reweighting keeps the ESS at half (or goes to 1 when that keeps more), reweights, resamples
     (systematic) and moves the particles by random-walk Metropolis (BlackJAX's kernel) on the new
     tempered target. The temperature is chosen on the very particles it reweights, so every
-    reweighting, the last one included, keeps an ESS of at least half the particles however well the
-    moves mix. (BlackJAX's adaptive tempered SMC chooses it on the particles before they are resampled
-    and moved: where the moves seldom succeed, the last reweighting there kept an ESS of 4 of 500.)
+    reweighting, the last one included, keeps an ESS of half the particles counted copy by copy.
+    (BlackJAX's adaptive tempered SMC chooses it on the particles before they are resampled and
+    moved: where the moves seldom succeed, its last reweighting kept an ESS of 4 of 500.) Copies of
+    one point that the moves did not part still count once in ``final_ess`` (below).
 
     The moves' proposal is the particles' covariance times a scale per particle, drawn
     log-uniformly within a factor e of a centre; after each step the centre moves to the scales'
