@@ -605,8 +605,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP at 10 dB) after which the
         # kernel's few moves leave duplicated particles and a too narrow spread
         post_jit = lambda wb: smc["log_post"](wb, smc_data)  # noqa: E731
-        # the distinct particles at the end of the tempering, before these sweeps: the last reweighting
-        # keeps an ESS of at least half the particles by construction, so this and the acceptance say
+        # the distinct particles at the end of the tempering, before these sweeps: with the acceptance,
         # how well the tempering's moves mixed
         smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
         w_smc = jnp.asarray(w_smc, jnp.float32)

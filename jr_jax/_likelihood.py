@@ -457,26 +457,21 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
 _cached_smc_step = functools.lru_cache(maxsize=8)(_smc_step)
 
 
-def _ess_fraction(log_w: np.ndarray) -> float:
-    """ESS / n of the weights ``exp(log_w)`` (float64; -inf weighs nothing)."""
-    finite = np.isfinite(log_w)
-    if not finite.any():
-        return 0.0
-    lw = log_w[finite] - log_w[finite].max()
-    return float(np.exp(2 * np.log(np.sum(np.exp(lw))) - np.log(np.sum(np.exp(2 * lw)))) / len(log_w))
-
-
 def _next_temperature(ratio: np.ndarray, beta: float, target: float = 0.5) -> float:
     """The next temperature after ``beta``: 1 when reweighting the particles (log ratios ``ratio``)
     by the whole rest keeps ESS / n >= ``target``, else the one that gives ESS / n = ``target``
-    (bisection; the ESS falls as the step grows)."""
-    with np.errstate(invalid="ignore"):
-        if _ess_fraction((1.0 - beta) * ratio) >= target:
-            return 1.0
-        lo, hi = 0.0, 1.0 - beta
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if _ess_fraction(mid * ratio) >= target else (lo, mid)
+    (bisection; the ESS falls as the step grows). A -inf ratio weighs nothing."""
+    finite = ratio[np.isfinite(ratio)]
+
+    def ess_fraction(step):
+        return effective_sample_size(step * finite) / len(ratio) if finite.size else 0.0
+
+    if ess_fraction(1.0 - beta) >= target:
+        return 1.0
+    lo, hi = 0.0, 1.0 - beta
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ess_fraction(mid) >= target else (lo, mid)
     return beta + max(lo, 1e-9)
 
 
