@@ -29,6 +29,15 @@ from test_suite import commit  # benchmarks/ is on the path when this script run
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SIZE_KEYS = ("n_levels", "grid_epochs", "robust_epochs", "posterior_epochs", "n_large")
+
+
+def sizes(config: dict) -> dict:
+    """The preset's sizes that set its time (simulations and epochs): runs are compared only with
+    runs of the same sizes."""
+    return {k: config.get(k) for k in SIZE_KEYS}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/jr_jax_quick")
@@ -69,7 +78,8 @@ def main():
                    load_average_15min_after=load_after[2], cpu_cores=cores,
                    box_shared=load_before[0] > 0.5 or load_after[2] > cores + 0.5,
                    step_seconds=res["meta"]["step_seconds"], headline_snr_db=head, robust_r2=r2,
-                   posterior_calibration=calibration, device=res["meta"]["device"], versions=res["meta"]["versions"])
+                   posterior_calibration=calibration, device=res["meta"]["device"], versions=res["meta"]["versions"],
+                   sizes=sizes(res["meta"]["config"]))
     summary["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary["commit"] = commit()
     dest = ROOT / "benchmarks" / "results" / f"reproduce_{args.preset}.json"
@@ -80,7 +90,7 @@ def main():
         runs = previous.get("runs", [])
     summary["runs"] = runs + [{k: summary[k] for k in ("date_utc", "commit", "wall_seconds", "peak_rss_gib",
                                                        "load_average_1min_before", "load_average_15min_after",
-                                                       "box_shared")}]
+                                                       "box_shared", "sizes")}]
     dest.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"jr-jax reproduce --preset {args.preset}: {seconds:.0f} s wall (target <= 300 s), peak RSS {peak_gib:.2f} GiB, "
           f"load average {load_before[0]:.1f} before, {load_after[2]:.1f} over the last 15 min"

@@ -90,13 +90,13 @@ class ReproduceConfig:
 _ENCODER = DEFAULT_ENCODER
 
 PRESETS = {
-    # 3.7 min of steps on a 2-core CPU (benchmarks/results/reproduce_quick.json; README): enough data
+    # 4.1 min of steps on a 2-core CPU on a fast day (benchmarks/results/reproduce_quick.json; README): enough data
     # that A_i and b_i are clearly recovered, and a calibrated posterior on 1000 held-out ERPs
     "quick": ReproduceConfig(
         preset="quick", n_levels=10000, train_levels_db=(None, 20.0, 0.0), test_levels_db=TEST_LEVELS_DB,
-        grid_epochs=6, grid_patience=6, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=15,
-        robust_patience=15, encoder=_ENCODER, sobol_n=64, fisher_draws=4, posterior_epochs=15,
-        posterior_patience=15, posterior_levels_db=(STUDY_SNR_DB, 30.0, 10.0, 0.0)),
+        grid_epochs=4, grid_patience=4, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=15,
+        robust_patience=15, encoder=_ENCODER, sobol_n=64, fisher_draws=4, posterior_epochs=10,
+        posterior_patience=10, posterior_levels_db=(STUDY_SNR_DB, 30.0, 10.0, 0.0)),
     # the study's design: ten levels, 1000 simulations per level, 80/10/10; plus 50 000 simulations
     # for a noise-robust point regressor and a posterior estimator, each trained until its
     # validation loss stops falling (80 epochs at most), the posterior calibrated on 5000 test ERPs
