@@ -562,10 +562,12 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         idx = _systematic(k_res, lw, n_samples)
         z_post, s_post = z_prop[idx], s_prop[idx]
     else:  # "smc"
+        mode_jacs = np.stack([jac[m["index"]] for m in modes])
         if len(set(msign)) > 1:
             # the SMC moves z continuously: keep the sign of the most probable mode
             keep = msign == msign[np.argmax(mix)]
             centres, mchols, mix, msign = centres[keep], mchols[keep], mix[keep] / mix[keep].sum(), msign[keep]
+            mode_jacs = mode_jacs[keep]
         s_fixed = float(msign[0])
 
         # SMC moves in w: log(theta) for the model's parameters (every prior bound is positive), z for
@@ -599,20 +601,40 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         dw_dz[:n_log] = ((hi64 - lo64) * sig * (1.0 - sig) / (lo64 + (hi64 - lo64) * sig))[:n_log]
         lap_chol_w = dw_dz[:, None] * np.asarray(mchols[b], np.float64)
         laplace_cov_w = lap_chol_w @ lap_chol_w.T
+        # and the local proposal of the SMC's moves at each temperature, (beta P_data + P_prior)^-1:
+        # the Gauss-Newton precision in w (the data's rows apart from the prior's), averaged over the
+        # most likely distinct particles (where the mass is, which need not be the best start's mode)
+        n_jac = len(z0)  # the batch of the solve's Jacobian: compiled already
+
+        def local_precision(w_particles, ratio):
+            order = np.argsort(np.where(np.isfinite(ratio), -ratio, np.inf), kind="stable")
+            _, first = np.unique(w_particles[order], axis=0, return_index=True)
+            top = order[np.sort(first)][:n_jac]
+            top = np.resize(top, n_jac)  # repeated when fewer distinct particles
+            z_top, _, inside = _w_z_float64(w_particles[top], lows, highs, n_log)
+            z_top = np.where(inside[:, None], z_top, centres[b][None, :])
+            _, jac_top = comp["residuals_and_jac"](jnp.asarray(z_top, jnp.float32), jnp.full(n_jac, s_fixed, jnp.float32),
+                                                   xj, sd_j)
+            sig_top = 1.0 / (1.0 + np.exp(-z_top[:, :n_log]))
+            dz_dw = np.ones((n_jac, d))
+            dz_dw[:, :n_log] = (lo64[:n_log] + (hi64[:n_log] - lo64[:n_log]) * sig_top) / (
+                (hi64[:n_log] - lo64[:n_log]) * sig_top * (1.0 - sig_top))
+            jw = np.asarray(jac_top, np.float64) * dz_dw[:, None, :]  # (k, R, d)
+            ok = np.all(np.isfinite(jw), axis=(1, 2))
+            jw = jw[ok] if ok.any() else (np.asarray(mode_jacs[b], np.float64) / dw_dz[None, :])[None]
+            n_x = len(x)
+            return (np.einsum("kri,krj->ij", jw[:, :n_x], jw[:, :n_x]) / len(jw),
+                    np.einsum("kri,krj->ij", jw[:, n_x:], jw[:, n_x:]) / len(jw))
         w_smc, _, smc_diag = tempered_smc(smc["log_q"], sample_q, smc["log_target"], k_smc, d, smc_particles,
-                                          smc_mcmc_steps, 100, data=smc_data, ridge=ridge, base_cov=laplace_cov_w)
-        # then 2 x smc_mcmc_steps sweeps at the posterior on the particles' covariance: the last
-        # tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP at 10 dB) after which the
-        # kernel's few moves leave duplicated particles and a too narrow spread
-        post_jit = lambda wb: smc["log_post"](wb, smc_data)  # noqa: E731
-        # the distinct particles at the end of the tempering, before these sweeps: with the acceptance,
-        # how well the tempering's moves mixed
-        smc_diag["distinct_fraction"] = len(np.unique(np.asarray(w_smc), axis=0)) / smc_particles
+                                          smc_mcmc_steps, 100, data=smc_data, ridge=ridge,
+                                          base_cov=laplace_cov_w,
+                                          max_move_factor=_SMC_MAX_MOVE_ROUNDS, local_precision=local_precision,
+                                          final_rounds=2)
+        # the final rounds (2 x smc_mcmc_steps moves at the posterior) part the copies that the last
+        # resampling made: the last tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP
+        # at 10 dB); the distinct share before them says how well the tempering's moves mixed
+        smc_diag["distinct_fraction"] = smc_diag.pop("distinct_fraction_resampled")
         w_smc = jnp.asarray(w_smc, jnp.float32)
-        cov = np.cov(np.asarray(w_smc, np.float64), rowvar=False).reshape(d, d) + laplace_cov_w + 1e-8 * np.eye(d)
-        w_smc, smc_diag["final_acceptance"] = _metropolis_moves(
-            post_jit, w_smc, jnp.asarray(2.38 / math.sqrt(d) * np.linalg.cholesky(cov), jnp.float32),
-            jax.random.fold_in(k_smc, 2), 2 * smc_mcmc_steps, adapt=True)
         if ridge is not None:
             # Metropolis moves along the exact ridge: the likelihood does not change there, only the
             # prior and the Jacobian do, so these moves are accepted where random-walk moves in every
@@ -816,27 +838,6 @@ def _smc_functions(space: _Space, log_post, lows, highs) -> dict:
     return dict(n_log=n_log, log_q=log_q, log_target=particle_batched(log_post_w), log_post=jax.jit(log_post_w))
 
 
-def _metropolis_moves(log_post, w, factor, key, sweeps: int, adapt: bool = False):
-    """``sweeps`` random-walk Metropolis updates of every particle ``w (n, d)``, steps
-    ``factor (d, k) @ N(0, I_k)``: exact moves for ``log_post`` (batched, ``(n, d) -> (n,)``). With
-    ``adapt`` the step's scale follows the population's acceptance towards 0.234 between sweeps.
-    Returns the particles and the mean acceptance."""
-    lp = log_post(w)
-    accepted, scale = 0.0, 1.0
-    for m in range(sweeps):
-        k1, k2 = jax.random.split(jax.random.fold_in(key, m))
-        prop = w + scale * jax.random.normal(k1, (w.shape[0], factor.shape[1])) @ factor.T
-        lp_prop = log_post(prop)
-        take = jnp.log(jax.random.uniform(k2, lp.shape)) < lp_prop - lp
-        w = jnp.where(take[:, None], prop, w)
-        lp = jnp.where(take, lp_prop, lp)
-        rate = float(jnp.mean(take))
-        accepted += rate
-        if adapt:
-            scale = float(np.clip(scale * math.exp(2.0 * (rate - 0.234)), 0.05, 3.0))
-    return w, accepted / sweeps
-
-
 def _w_z_float64(w, lows, highs, n_log: int):
     """:func:`_z_from_w` in float64 numpy: ``(z, log |dz/dw|, inside)`` for ``w (n, d)`` (z is NaN
     and the log-determinant -inf outside the box)."""
@@ -1035,6 +1036,10 @@ def _chi2_quantile(d: int, p: float) -> float:
 _IS_ADAPT_ROUNDS = 3  # adaptive importance-sampling rounds after the first, while k-hat or the ESS fail
 
 _SAMPLERS = ("auto", "laplace-importance", "smc")
+
+_SMC_MAX_MOVE_ROUNDS = 5
+"""At each SMC temperature, up to this many rounds of ``smc_mcmc_steps`` moves, until 90 % of the
+particles have left the point they were resampled at (:func:`jr_jax._likelihood.tempered_smc`)."""
 
 _IS_EXTEND = 3  # further batches of n_proposal draws (in all rounds) while k-hat passes but the ESS is below 100
 

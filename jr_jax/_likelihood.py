@@ -457,6 +457,15 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
 _cached_smc_step = functools.lru_cache(maxsize=8)(_smc_step)
 
 
+def _precision_cholesky(precision: np.ndarray) -> np.ndarray:
+    """The Cholesky factor of ``precision^-1`` (symmetrised; eigenvalues floored at 1e-10 of the
+    largest, so a flat direction gets a wide but finite spread)."""
+    ev, vec = np.linalg.eigh(0.5 * (precision + precision.T))
+    ev = np.maximum(ev, 1e-10 * max(ev.max(), 1e-300))
+    cov = (vec / ev) @ vec.T
+    return np.linalg.cholesky(0.5 * (cov + cov.T))
+
+
 def _next_temperature(ratio: np.ndarray, beta: float, target: float = 0.5) -> float:
     """The next temperature after ``beta``: 1 when reweighting the particles (log ratios ``ratio``)
     by the whole rest keeps ESS / n >= ``target``, else the one that gives ESS / n = ``target``
@@ -476,7 +485,8 @@ def _next_temperature(ratio: np.ndarray, beta: float, target: float = 0.5) -> fl
 
 
 def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None, ridge=None,
-                 ridge_scale: float = 0.3, base_cov=None):
+                 ridge_scale: float = 0.3, base_cov=None, max_move_factor: int = 1, moved_target: float = 0.9,
+                 local_precision=None, final_rounds: int = 0):
     """Adaptive tempered SMC from a tractable q(z) to a target in R^d:
     pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1.
 
@@ -490,9 +500,14 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     one point that the moves did not part still count once in ``final_ess`` (below).
 
     The moves' proposal is the particles' covariance times a scale per particle, drawn
-    log-uniformly within a factor e of a centre; after each step the centre moves to the scales'
-    mean (in log) weighted by each particle's acceptance x scale^2, the expected squared jump in the
-    covariance's metric (Fearnhead & Taylor 2013).
+    log-uniformly within a factor e of a centre; after each round of moves the centre moves to the
+    scales' mean (in log) weighted by each particle's acceptance x scale^2, the expected squared
+    jump in the covariance's metric (Fearnhead & Taylor 2013), or, when no move was accepted, down
+    by a factor e^2. The moves at one temperature come in rounds of ``mcmc_steps`` steps; with
+    ``max_move_factor`` > 1, rounds are added (each with the re-centred scales, up to
+    ``max_move_factor`` rounds) until a share ``moved_target`` of the particles has left the point
+    it was resampled at: where the first scales are far off (a proposal much wider than the
+    tempered target), the later rounds still part the copies that resampling made.
 
     ``log_q``, ``log_target``: per-particle log densities (``log_target`` may be
     :func:`particle_batched`); ``sample_q(key, n) -> (n, d)``. Returns equally weighted particles
@@ -503,13 +518,29 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     known to be flat but for the prior (in log(theta), the exact (C, a_k) -> (lambda C, a_k / lambda)
     line); the random-walk proposal gets ``ridge_scale^2 R^T R`` added to its covariance, so that
     particles started narrow along it still spread over it. ``base_cov`` (``(d, d)``, e.g. a Laplace
-    covariance of the target): added to the particles' covariance before the scale, so that the
-    proposal keeps every direction when the resampled particles are few distinct points (their
-    covariance then has a low rank).
+    covariance of the target): added to the particles' covariance, rescaled to the same trace, so
+    that the proposal keeps every direction when the resampled particles are few distinct points
+    (their covariance then has a low rank) while its size stays the particles' (a Laplace
+    covariance from float32 Jacobians can be far wider than the target).
 
     ``final_ess`` counts duplicated particles once: the weights of copies of one point are summed
     before the ESS is taken, so a population resampled down to a few distinct points reports that
-    few, however many copies it holds."""
+    few, however many copies it holds.
+
+    ``local_precision`` (``(P_data, P_rest)``, each ``(d, d)``, e.g. the Gauss-Newton precision of
+    the likelihood and of the prior at the best mode, or a function of the particles and their log
+    ratios ``(z (n, d), ratio (n,)) -> (P_data, P_rest)``, called at each temperature before the
+    resampling): a second proposal covariance, ``(beta P_data + P_rest)^-1``, the target's local
+    spread at the temperature. Rounds of moves then
+    alternate between the particles' covariance (jumps across the population, between modes) and
+    this one (moves within a mode, where the particles' covariance is far wider than the tempered
+    target), each with its own scale centre. Both kernels are fixed before each round, symmetric
+    and exact for the tempered target.
+
+    ``final_rounds``: rounds of moves at the posterior (beta = 1) on the particles resampled after
+    the last reweighting, the kernels in turn (``diag['final_acceptance']``); they part the copies
+    of one point that the resampling made. ``diag['distinct_fraction_resampled']`` is the distinct
+    share before them."""
     log_ratio, move = (_cached_smc_step if data is not None else _smc_step)(log_q, log_target, mcmc_steps,
                                                                            data is not None)
     k0, key = jax.random.split(key)
@@ -518,10 +549,62 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     beta, log_z, steps, acc, betas, scales = 0.0, 0.0, 0, [], [], []
     # the centre of the particles' random-walk scales (log, on the particles' covariance), its bounds,
     # and the half-width of the log-uniform spread around it
-    log_scale, log_lo, log_hi, spread = math.log(2.38 / math.sqrt(d)), math.log(0.01 / math.sqrt(d)), math.log(3.0), 1.0
+    # the centres of the particles' random-walk scales (log; one per proposal covariance: the
+    # particles', and the local one from local_precision), their bounds, and the half-width of the
+    # log-uniform spread around them
+    log_lo, log_hi, spread = math.log(1e-3 / math.sqrt(d)), math.log(3.0), 1.0
+    centres = {"particles": math.log(2.38 / math.sqrt(d)), "local": math.log(2.38 / math.sqrt(d))}
+    kinds = ["particles"] + (["local"] if local_precision is not None else [])
+    rounds_per_step, kinds_per_step = [], []
+
+    def proposal_factors(zn, w, ratio_now, beta_now):
+        """The Cholesky factors of the proposal covariances at this temperature, before the scale."""
+        mean = w @ zn
+        cov = (w[:, None] * (zn - mean)).T @ (zn - mean) + 1e-6 * np.eye(d)
+        if base_cov is not None:
+            base = np.asarray(base_cov, np.float64)
+            cov = cov + np.trace(cov) / np.trace(base) * base
+        chols = {"particles": np.linalg.cholesky(cov)}
+        if local_precision is not None:
+            p_data, p_rest = local_precision(zn, ratio_now) if callable(local_precision) else local_precision
+            chols["local"] = _precision_cholesky(beta_now * np.asarray(p_data, np.float64)
+                                                 + np.asarray(p_rest, np.float64))
+        return chols
+
+    def move_rounds(k_move, z, beta_now, chols, n_rounds, stop_share):
+        """Rounds of ``mcmc_steps`` moves, the kernels in turn, each round's scales re-centred,
+        until ``stop_share`` of the particles have moved (or ``n_rounds``)."""
+        start = np.asarray(z, np.float64)
+        moved = np.zeros(n_particles, bool)
+        round_acc, round_kinds, ratio_now = [], [], None
+        for rnd in range(n_rounds):
+            kind = kinds[rnd % len(kinds)]
+            k_scale_r, k_move_r = jax.random.split(jax.random.fold_in(k_move, rnd))
+            s = np.exp(centres[kind] + spread * np.asarray(jax.random.uniform(k_scale_r, (n_particles,), minval=-1.0,
+                                                                              maxval=1.0), np.float64))
+            prop = s[:, None, None] * chols[kind]
+            if ridge is not None:  # the ridge term in the proposal's covariance: its Cholesky factor
+                r = np.asarray(ridge, np.float64).reshape(-1, d)
+                prop = np.linalg.cholesky(prop @ np.swapaxes(prop, 1, 2) + ridge_scale**2 * r.T @ r)
+            chol = spread_batch(jnp.asarray(prop, jnp.float32))  # (n, d, d), split like z
+            z, a, ratio_now = move(k_move_r, z, jnp.float32(beta_now), chol, data)
+            a = np.asarray(a, np.float64)
+            round_acc.append(float(a.mean()))
+            round_kinds.append(kind)
+            jump = a * s**2  # each particle's expected squared jump, up to the factor d
+            if a.sum() * mcmc_steps >= 10:
+                centres[kind] = float(np.sum(jump * np.log(s)) / jump.sum())
+            else:  # too few accepted moves to weigh the scales: the proposal is far too wide
+                centres[kind] -= 2 * spread
+            centres[kind] = min(max(centres[kind], log_lo), log_hi)
+            moved |= np.any(np.asarray(z, np.float64) != start, axis=1)
+            if moved.mean() >= stop_share:
+                break
+        return z, np.asarray(ratio_now, np.float64), round_acc, round_kinds
+
     log_w = np.zeros(n_particles)
     while beta < 1.0 and steps < max_steps:
-        key, k_res, k_move, k_scale = jax.random.split(key, 4)
+        key, k_res, k_move = jax.random.split(key, 3)
         new_beta = _next_temperature(ratio, beta)
         with np.errstate(invalid="ignore"):
             log_w = np.where(np.isfinite(ratio), (new_beta - beta) * ratio, -np.inf)
@@ -535,34 +618,36 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
             break
         w = np.exp(log_w - np.logaddexp.reduce(log_w))
         zn = np.asarray(z, np.float64)
-        mean = w @ zn
-        cov = (w[:, None] * (zn - mean)).T @ (zn - mean) + 1e-6 * np.eye(d)
-        if base_cov is not None:
-            cov = cov + np.asarray(base_cov, np.float64)
+        chols = proposal_factors(zn, w, ratio, beta)
         z = spread_batch(jnp.asarray(zn[_systematic(k_res, log_w, n_particles)], jnp.float32))
-        s = np.exp(log_scale + spread * np.asarray(jax.random.uniform(k_scale, (n_particles,), minval=-1.0,
-                                                                      maxval=1.0), np.float64))
-        prop = s[:, None, None] ** 2 * cov
-        if ridge is not None:
-            r = np.asarray(ridge, np.float64).reshape(-1, d)
-            prop = prop + ridge_scale**2 * r.T @ r
-        chol = spread_batch(jnp.asarray(np.linalg.cholesky(prop), jnp.float32))  # (n, d, d), split like z
-        z, a, ratio = move(k_move, z, jnp.float32(beta), chol, data)
-        a, ratio = np.asarray(a, np.float64), np.asarray(ratio, np.float64)
-        acc.append(float(a.mean()))
-        scales.append(float(math.exp(log_scale)))
-        jump = a * s**2  # each particle's expected squared jump, up to the factor d
-        log_scale = float(np.sum(jump * np.log(s)) / jump.sum()) if jump.sum() > 0 else log_scale - spread
-        log_scale = min(max(log_scale, log_lo), log_hi)
-    z_final = np.asarray(z, np.float64)
-    finite_particles = bool(np.all(np.isfinite(z_final)))
+        z, ratio, round_acc, round_kinds = move_rounds(k_move, z, beta, chols, max(1, max_move_factor), moved_target)
+        acc.append(float(np.mean(round_acc)))
+        rounds_per_step.append(len(round_acc))
+        kinds_per_step.append(round_kinds)
+        scales.append({k: float(math.exp(v)) for k, v in centres.items() if k in kinds})
+    z_last = np.asarray(z, np.float64)
+    finite_particles = bool(np.all(np.isfinite(z_last)))
     w = np.exp(log_w - np.logaddexp.reduce(log_w)) if np.isfinite(log_w).any() else np.full(n_particles, 1.0 / n_particles)
-    _, copies_of = np.unique(z_final, axis=0, return_inverse=True)
+    _, copies_of = np.unique(z_last, axis=0, return_inverse=True)
     w_distinct = np.bincount(copies_of.ravel(), weights=w)  # the weight of each distinct point
+    k_final_res, k_final_move = jax.random.split(key)
+    idx = _systematic(k_final_res, np.log(np.maximum(w, 1e-300)), n_particles)
+    z_out = z_last[idx]
+    distinct_resampled = len(np.unique(z_out, axis=0))
+    final_acc: list[float] = []
+    if final_rounds and beta >= 1.0 and finite_particles:
+        # moves at the posterior on the resampled particles: they part the copies of one point
+        chols = proposal_factors(z_last, w, ratio, 1.0)
+        z_moved, _, final_acc, _ = move_rounds(k_final_move, spread_batch(jnp.asarray(z_out, jnp.float32)), 1.0, chols,
+                                               final_rounds, 2.0)
+        z_out = np.asarray(z_moved, np.float64)
     diag = dict(smc_steps=steps, temperatures=betas, acceptance_rate=float(np.mean(acc)) if acc else 0.0,
-                acceptance_per_step=acc, scale_per_step=scales, final_ess=float(1.0 / np.sum(w_distinct**2)),
-                distinct_before_last_reweighting=int(len(w_distinct)), particles=n_particles,
+                acceptance_per_step=acc, scale_per_step=scales, move_rounds_per_step=rounds_per_step,
+                move_kinds_per_step=kinds_per_step, final_ess=float(1.0 / np.sum(w_distinct**2)),
+                distinct_before_last_reweighting=int(len(w_distinct)),
+                distinct_fraction_resampled=distinct_resampled / n_particles,
+                final_acceptance=float(np.mean(final_acc)) if final_acc else None, particles=n_particles,
                 reached_posterior=beta >= 1.0 and finite_particles,
-                likelihood_evaluations=n_particles * (1 + len(acc) * (mcmc_steps + 1)))
-    idx = _systematic(key, np.log(np.maximum(w, 1e-300)), n_particles)
-    return z_final[idx], log_z, diag
+                likelihood_evaluations=n_particles * (1 + len(acc) + mcmc_steps * (sum(rounds_per_step)
+                                                                                    + len(final_acc))))
+    return z_out, log_z, diag
