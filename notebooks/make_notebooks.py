@@ -437,15 +437,16 @@ On the intervals: (C, a_k) → (λC, a_k/λ) leaves every ERP unchanged, so the 
 and of each a_k alone stretches along that ridge as far as the prior box allows, while log(C·a_k)
 stays fixed. Both samplers spread C and the a_k along that ridge, where the likelihood is
 constant: the importance proposal draws along it from the prior's own law, and the SMC ends with
-Metropolis moves along it. When the SMC ran (the cell above names the sampler), its random-walk
-moves in the other directions are accepted at the rate below; where that rate is a few per cent,
-the intervals of the other parameters may be too narrow."""),
+Metropolis moves along it. When the SMC ran (the cell above names the sampler), its moves in the
+other directions (on the particles' covariance, and on a local Gauss–Newton proposal) are accepted
+at the rate below; the distinct share of the particles says how well they mixed: where few are
+distinct, the intervals of the other parameters may be too narrow."""),
     ("code", """\
 rate = result.diagnostics.get("smc_acceptance_rate")
-print("SMC random-walk acceptance:", "not run (importance sampling passed)" if rate is None else f"{rate:.1%}")
+print("SMC moves' acceptance:", "not run (importance sampling passed)" if rate is None else f"{rate:.1%}")
 if rate is not None:
     print(f"distinct particles at the end of the tempering: {result.diagnostics['smc_distinct_fraction']:.0%} "
-          f"(the ESS above counts each distinct point once); the final sweeps at the posterior were "
+          f"(the ESS above counts each distinct point once); the final moves at the posterior were "
           f"accepted {result.diagnostics['smc_final_acceptance']:.0%} of the time")"""),
 ]
 
