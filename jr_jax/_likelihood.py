@@ -408,7 +408,7 @@ def ridge_direction(names, d: int | None = None) -> np.ndarray | None:
 
 def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
     """The jitted pieces of :func:`tempered_smc` for (log_q, log_target): ``log_ratio(z (n, d), data)``
-    gives log target - log q per particle; ``move(key, z, beta, chol (n, d, d), data)`` runs
+    gives log target - log q per particle; ``move(key, z, beta, chol (n, d, m), data)`` runs
     ``mcmc_steps`` random-walk Metropolis steps (BlackJAX) of each particle on
     q^(1 - beta) target^beta and returns the particles, their acceptance rates and log ratios. With
     ``with_data`` both densities take ``(z, data)`` and the data are an argument, not a constant (see
@@ -440,7 +440,7 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
 
         def one(k1, x, c):
             def body(state, kk):
-                state, info = rw_kernel(kk, state, tempered, lambda k2, pos: c @ jax.random.normal(k2, pos.shape))
+                state, info = rw_kernel(kk, state, tempered, lambda k2, pos: c @ jax.random.normal(k2, c.shape[-1:]))
                 return state, info.is_accepted
 
             state, accepted = jax.lax.scan(body, blackjax.rmh.init(x, tempered), jax.random.split(k1, mcmc_steps))
@@ -457,13 +457,13 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
 _cached_smc_step = functools.lru_cache(maxsize=8)(_smc_step)
 
 
-def _precision_cholesky(precision: np.ndarray) -> np.ndarray:
-    """The Cholesky factor of ``precision^-1`` (symmetrised; eigenvalues floored at 1e-10 of the
-    largest, so a flat direction gets a wide but finite spread)."""
+def _precision_factor(precision: np.ndarray) -> np.ndarray:
+    """A square root ``F`` of ``precision^-1`` (``F F^T``; from the symmetrised eigendecomposition,
+    eigenvalues floored at 1e-10 of the largest so that a flat direction gets a wide but finite
+    spread; no Cholesky factorisation, which fails on such a condition number)."""
     ev, vec = np.linalg.eigh(0.5 * (precision + precision.T))
     ev = np.maximum(ev, 1e-10 * max(ev.max(), 1e-300))
-    cov = (vec / ev) @ vec.T
-    return np.linalg.cholesky(0.5 * (cov + cov.T))
+    return vec / np.sqrt(ev)
 
 
 def _next_temperature(ratio: np.ndarray, beta: float, target: float = 0.5) -> float:
@@ -567,7 +567,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
         chols = {"particles": np.linalg.cholesky(cov)}
         if local_precision is not None:
             p_data, p_rest = local_precision(zn, ratio_now) if callable(local_precision) else local_precision
-            chols["local"] = _precision_cholesky(beta_now * np.asarray(p_data, np.float64)
+            chols["local"] = _precision_factor(beta_now * np.asarray(p_data, np.float64)
                                                  + np.asarray(p_rest, np.float64))
         return chols
 
@@ -583,10 +583,10 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
             s = np.exp(centres[kind] + spread * np.asarray(jax.random.uniform(k_scale_r, (n_particles,), minval=-1.0,
                                                                               maxval=1.0), np.float64))
             prop = s[:, None, None] * chols[kind]
-            if ridge is not None:  # the ridge term in the proposal's covariance: its Cholesky factor
+            if ridge is not None:  # the ridge term of the proposal's covariance: more columns of its factor
                 r = np.asarray(ridge, np.float64).reshape(-1, d)
-                prop = np.linalg.cholesky(prop @ np.swapaxes(prop, 1, 2) + ridge_scale**2 * r.T @ r)
-            chol = spread_batch(jnp.asarray(prop, jnp.float32))  # (n, d, d), split like z
+                prop = np.concatenate([prop, np.broadcast_to(ridge_scale * r.T, (n_particles, d, len(r)))], axis=2)
+            chol = spread_batch(jnp.asarray(prop, jnp.float32))  # (n, d, d [+ k]), split like z
             z, a, ratio_now = move(k_move_r, z, jnp.float32(beta_now), chol, data)
             a = np.asarray(a, np.float64)
             round_acc.append(float(a.mean()))
