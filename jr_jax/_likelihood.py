@@ -516,8 +516,11 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     observed ERP), ``log_q`` and ``log_target`` take ``(z, data)``: the same module-level functions then
     compile once for every observation. ``ridge`` (``(k, d)``): directions along which the target is
     known to be flat but for the prior (in log(theta), the exact (C, a_k) -> (lambda C, a_k / lambda)
-    line); the random-walk proposal gets ``ridge_scale^2 R^T R`` added to its covariance, so that
-    particles started narrow along it still spread over it. ``base_cov`` (``(d, d)``, e.g. a Laplace
+    line); the final rounds' proposal (at the posterior, ``final_rounds``) gets ``ridge_scale^2 R^T R``
+    added to its covariance, so that particles narrow along it still spread over it. Not during the
+    tempering: there q^(1 - beta) is not flat along the ridge (a Laplace mixture's components are
+    narrow along it too), and these fixed-size steps were rejected whatever the scale (acceptance
+    0.1 % on a real recording, its last population 38 distinct points of 500). ``base_cov`` (``(d, d)``, e.g. a Laplace
     covariance of the target): added to the particles' covariance, rescaled to the same trace, so
     that the proposal keeps every direction when the resampled particles are few distinct points
     (their covariance then has a low rank) while its size stays the particles' (a Laplace
@@ -583,7 +586,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
             s = np.exp(centres[kind] + spread * np.asarray(jax.random.uniform(k_scale_r, (n_particles,), minval=-1.0,
                                                                               maxval=1.0), np.float64))
             prop = s[:, None, None] * chols[kind]
-            if ridge is not None:  # the ridge term of the proposal's covariance: more columns of its factor
+            if ridge is not None and beta_now >= 1.0:  # the ridge term: more columns of the proposal's factor
                 r = np.asarray(ridge, np.float64).reshape(-1, d)
                 prop = np.concatenate([prop, np.broadcast_to(ridge_scale * r.T, (n_particles, d, len(r)))], axis=2)
             chol = spread_batch(jnp.asarray(prop, jnp.float32))  # (n, d, d [+ k]), split like z
