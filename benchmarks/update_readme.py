@@ -333,9 +333,7 @@ def study_report(page: Path) -> str:
     """The study preset's report (docs/study/results.json) and the quick preset's measured time."""
     res = _study()
     quick = json.loads((RESULTS / "reproduce_quick.json").read_text())
-    names = res["meta"]["prior"]["names"]
     rows = res["robust"]["rows"]
-    study = res["study"]["pearson"]
     cfg, d = res["meta"]["config"], res["data"]
 
     def val(method, snr, p, metric):

@@ -502,8 +502,8 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     The moves' proposal is the particles' covariance times a scale per particle, drawn
     log-uniformly within a factor e of a centre; after each round of moves the centre moves to the
     scales' mean (in log) weighted by each particle's acceptance x scale^2, the expected squared
-    jump in the covariance's metric (Fearnhead & Taylor 2013), or, when no move was accepted, down
-    by a factor e^2. The moves at one temperature come in rounds of ``mcmc_steps`` steps; with
+    jump in the covariance's metric (Fearnhead & Taylor 2013), or, when fewer than 10 moves were
+    accepted (too few to weigh the scales), down by a factor e^2. The moves at one temperature come in rounds of ``mcmc_steps`` steps; with
     ``max_move_factor`` > 1, rounds are added (each with the re-centred scales, up to
     ``max_move_factor`` rounds) until a share ``moved_target`` of the particles has left the point
     it was resampled at: where the first scales are far off (a proposal much wider than the
@@ -520,8 +520,9 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     added to its covariance, so that particles narrow along it still spread over it. Not during the
     tempering: there q^(1 - beta) is not flat along the ridge (a Laplace mixture's components are
     narrow along it too), and these fixed-size steps were rejected whatever the scale (acceptance
-    0.1 % on a real recording, its last population 38 distinct points of 500). ``base_cov`` (``(d, d)``, e.g. a Laplace
-    covariance of the target): added to the particles' covariance, rescaled to the same trace, so
+    0.1 % on a real recording, its last population 38 distinct points of 500).
+
+    ``base_cov`` (``(d, d)``, e.g. a Laplace covariance of the target): added to the particles' covariance, rescaled to the same trace, so
     that the proposal keeps every direction when the resampled particles are few distinct points
     (their covariance then has a low rank) while its size stays the particles' (a Laplace
     covariance from float32 Jacobians can be far wider than the target).
@@ -534,8 +535,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     the likelihood and of the prior at the best mode, or a function of the particles and their log
     ratios ``(z (n, d), ratio (n,)) -> (P_data, P_rest)``, called at each temperature before the
     resampling): a second proposal covariance, ``(beta P_data + P_rest)^-1``, the target's local
-    spread at the temperature. Rounds of moves then
-    alternate between the particles' covariance (jumps across the population, between modes) and
+    spread at the temperature. Rounds of moves then alternate between the particles' covariance (jumps across the population, between modes) and
     this one (moves within a mode, where the particles' covariance is far wider than the tempered
     target), each with its own scale centre. Both kernels are fixed before each round, symmetric
     and exact for the tempered target.
@@ -550,8 +550,6 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     z = spread_batch(jnp.asarray(sample_q(k0, n_particles)))  # split over the local devices, if several
     ratio = np.asarray(log_ratio(z, data), np.float64)
     beta, log_z, steps, acc, betas, scales = 0.0, 0.0, 0, [], [], []
-    # the centre of the particles' random-walk scales (log, on the particles' covariance), its bounds,
-    # and the half-width of the log-uniform spread around it
     # the centres of the particles' random-walk scales (log; one per proposal covariance: the
     # particles', and the local one from local_precision), their bounds, and the half-width of the
     # log-uniform spread around them
@@ -561,20 +559,21 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     rounds_per_step, kinds_per_step = [], []
 
     def proposal_factors(zn, w, ratio_now, beta_now):
-        """The Cholesky factors of the proposal covariances at this temperature, before the scale."""
+        """Square-root factors ``F`` (``F F^T``) of the proposal covariances at this temperature,
+        before the scale: the particles' (Cholesky) and the local one (eigendecomposition)."""
         mean = w @ zn
         cov = (w[:, None] * (zn - mean)).T @ (zn - mean) + 1e-6 * np.eye(d)
         if base_cov is not None:
             base = np.asarray(base_cov, np.float64)
             cov = cov + np.trace(cov) / np.trace(base) * base
-        chols = {"particles": np.linalg.cholesky(cov)}
+        factors = {"particles": np.linalg.cholesky(cov)}
         if local_precision is not None:
             p_data, p_rest = local_precision(zn, ratio_now) if callable(local_precision) else local_precision
-            chols["local"] = _precision_factor(beta_now * np.asarray(p_data, np.float64)
+            factors["local"] = _precision_factor(beta_now * np.asarray(p_data, np.float64)
                                                  + np.asarray(p_rest, np.float64))
-        return chols
+        return factors
 
-    def move_rounds(k_move, z, beta_now, chols, n_rounds, stop_share):
+    def move_rounds(k_move, z, beta_now, factors, n_rounds, stop_share):
         """Rounds of ``mcmc_steps`` moves, the kernels in turn, each round's scales re-centred,
         until ``stop_share`` of the particles have moved (or ``n_rounds``)."""
         start = np.asarray(z, np.float64)
@@ -585,7 +584,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
             k_scale_r, k_move_r = jax.random.split(jax.random.fold_in(k_move, rnd))
             s = np.exp(centres[kind] + spread * np.asarray(jax.random.uniform(k_scale_r, (n_particles,), minval=-1.0,
                                                                               maxval=1.0), np.float64))
-            prop = s[:, None, None] * chols[kind]
+            prop = s[:, None, None] * factors[kind]
             if ridge is not None and beta_now >= 1.0:  # the ridge term: more columns of the proposal's factor
                 r = np.asarray(ridge, np.float64).reshape(-1, d)
                 prop = np.concatenate([prop, np.broadcast_to(ridge_scale * r.T, (n_particles, d, len(r)))], axis=2)
@@ -621,9 +620,9 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
             break
         w = np.exp(log_w - np.logaddexp.reduce(log_w))
         zn = np.asarray(z, np.float64)
-        chols = proposal_factors(zn, w, ratio, beta)
+        factors = proposal_factors(zn, w, ratio, beta)
         z = spread_batch(jnp.asarray(zn[_systematic(k_res, log_w, n_particles)], jnp.float32))
-        z, ratio, round_acc, round_kinds = move_rounds(k_move, z, beta, chols, max(1, max_move_factor), moved_target)
+        z, ratio, round_acc, round_kinds = move_rounds(k_move, z, beta, factors, max(1, max_move_factor), moved_target)
         acc.append(float(np.mean(round_acc)))
         rounds_per_step.append(len(round_acc))
         kinds_per_step.append(round_kinds)
@@ -640,8 +639,8 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     final_acc: list[float] = []
     if final_rounds and beta >= 1.0 and finite_particles:
         # moves at the posterior on the resampled particles: they part the copies of one point
-        chols = proposal_factors(z_last, w, ratio, 1.0)
-        z_moved, _, final_acc, _ = move_rounds(k_final_move, spread_batch(jnp.asarray(z_out, jnp.float32)), 1.0, chols,
+        factors = proposal_factors(z_last, w, ratio, 1.0)
+        z_moved, _, final_acc, _ = move_rounds(k_final_move, spread_batch(jnp.asarray(z_out, jnp.float32)), 1.0, factors,
                                                final_rounds, 2.0)
         z_out = np.asarray(z_moved, np.float64)
     diag = dict(smc_steps=steps, temperatures=betas, acceptance_rate=float(np.mean(acc)) if acc else 0.0,
