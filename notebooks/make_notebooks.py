@@ -361,7 +361,7 @@ it), or, when its Pareto k̂ says that is unreliable, from tempered SMC (started
 approximation and half the prior, with exact Metropolis moves along the C–a_k ridge at the end). `result.table()` gives the MAP, the posterior mean, the 90 % interval and how much the data
 contract the prior, for each parameter and for log(C·a_k)."""),
     ("code", """\
-particles, moves = (1000, 10) if FULL else (400, 5)
+particles, moves = (1000, 10) if FULL else (200, 4)
 print(f"{'full' if FULL else 'small'} sampler sizes: {particles} SMC particles, {moves} moves per step")
 result = jr_jax.fit(rec, key=jax.random.key(0), n_starts=8, smc_particles=particles, smc_mcmc_steps=moves)
 print(result.table())
