@@ -563,6 +563,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         z_post, s_post = z_prop[idx], s_prop[idx]
     else:  # "smc"
         mode_jacs = np.stack([jac[m["index"]] for m in modes])
+        keep = np.ones(len(msign), bool)
         if len(set(msign)) > 1:
             # the SMC moves z continuously: keep the sign of the most probable mode
             keep = msign == msign[np.argmax(mix)]
@@ -573,24 +574,50 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # SMC moves in w: log(theta) for the model's parameters (every prior bound is positive), z for
         # the gain and latency. In log(theta) the exact ridge (C, a_k) -> (lambda C, a_k / lambda) is a
         # straight line, which random-walk moves on the particles' covariance follow; in z it is curved.
-        # Tempering starts from a defensive mixture: half the Laplace t mixture (the optima the starts
-        # found), half the prior (every direction, the ridge included). From the Laplace mixture
-        # alone the moves are almost never accepted on real recordings (its Gauss-Newton covariance,
-        # from float32 Jacobians over curvatures of many decades, is far from the target); from the
-        # prior alone a few hundred particles can settle in a worse optimum.
+        # Tempering starts from a defensive mixture: a share of the prior (every direction, optima
+        # the starts missed), the rest the last importance proposal (the ridge mixture as adapted to
+        # the importance draws, and the Laplace t mixture of the optima the starts found; without the
+        # ridge, the t mixture alone). Its weights failed k-hat, but far less than the prior's: the
+        # tempering then needs a few temperatures where it needed 10-14 from half prior, half Laplace.
+        # From the Laplace mixture alone the moves were almost never accepted on real recordings (its
+        # Gauss-Newton covariance, from float32 Jacobians over curvatures of many decades, is far from
+        # the target); from the prior alone a few hundred particles can settle in a worse optimum.
         smc = comp["smc"]
         k_par = len(prior.names)
-        smc_data = dict(x=xj, noise_sd=sd_j, sign=jnp.float32(s_fixed),
-                        **_t_mixture_arrays(centres, mchols, mix, n_components=max(n_starts, len(mix))))
+        n_comp = max(n_starts, len(mix))
+        rmix_kept = None
+        if rmix is not None:
+            rw = np.asarray(rmix["weights"], np.float64)[keep]
+            rmix_kept = dict(rmix, centres=rmix["centres"][keep], chols=rmix["chols"][keep],
+                             segments=rmix["segments"][keep], weights=rw / rw.sum())
+        prop_kept = _Proposal(space, comp, xj, sd_j, centres, mchols, mix, msign, rmix_kept, n_log)
+        shares = np.array([_SMC_PRIOR_SHARE, 1.0 - _SMC_PRIOR_SHARE, 0.0]) if rmix is None else \
+            np.array([_SMC_PRIOR_SHARE, (1.0 - _SMC_PRIOR_SHARE) * (1 - _RIDGE_SHARE),
+                      (1.0 - _SMC_PRIOR_SHARE) * _RIDGE_SHARE])
+        with np.errstate(divide="ignore"):
+            log_shares = jnp.asarray(np.log(shares), jnp.float32)
+        smc_data = dict(x=xj, noise_sd=sd_j, sign=jnp.float32(s_fixed), log_shares=log_shares,
+                        **_t_mixture_arrays(centres, mchols, mix, n_components=n_comp),
+                        **_ridge_mixture_arrays(rmix_kept, d, n_comp))
 
         def sample_q(k, n):
-            k1, k2, k3 = jax.random.split(k, 3)
-            n_prior = n // 2
-            extra = lows[k_par:] + (highs[k_par:] - lows[k_par:]) * jax.random.uniform(k2, (n_prior, d - k_par))
-            u = jnp.concatenate([jnp.asarray(prior.sample_array(k1, n_prior), jnp.float32), extra], axis=1)
-            z_prior = to_unbounded(u, lows, highs)
-            z_lap = jnp.asarray(_t_mixture_sample(k3, centres, mchols, mix, n - n_prior)[0], jnp.float32)
-            return _w_from_z(jnp.concatenate([z_prior, z_lap]), lows, highs, n_log)
+            """``n`` independent draws from the initial law (``log_q``), in random order: the
+            component counts multinomial, so that each row is a draw of the mixture itself (the
+            SMC's independence moves need that)."""
+            k1, k2, k3, k4 = jax.random.split(k, 4)
+            rng = _host_rng(k4)
+            label = rng.choice(3, n, p=shares / shares.sum())  # prior, t mixture, ridge mixture
+            n_prior = int(np.sum(label == 0))
+            # n prior draws (one compiled shape), of which those labelled 0 are kept
+            extra = lows[k_par:] + (highs[k_par:] - lows[k_par:]) * jax.random.uniform(k2, (n, d - k_par))
+            u = jnp.concatenate([jnp.asarray(prior.sample_array(k1, n), jnp.float32), extra], axis=1)
+            w = np.array(_w_from_z(to_unbounded(u, lows, highs), lows, highs, n_log), np.float64)
+            v_rest = prop_kept.sample(k3, n - n_prior, n_ridge=int(np.sum(label == 2)))[0]
+            if rmix_kept is None:  # the t mixture's draws are in z
+                u_rest = space.lows + (space.highs - space.lows) * scipy_expit(v_rest)
+                v_rest = np.concatenate([np.log(u_rest[:, :n_log]), v_rest[:, n_log:]], axis=1)
+            w[label != 0] = v_rest[rng.permutation(n - n_prior)]
+            return jnp.asarray(w, jnp.float32)
 
         # the Laplace covariance of the most probable mode, carried from z to w (a diagonal Jacobian):
         # the moves keep every direction even when resampling leaves only a few distinct particles
@@ -629,7 +656,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                                           smc_mcmc_steps, 100, data=smc_data, ridge=ridge,
                                           base_cov=laplace_cov_w,
                                           max_move_factor=_SMC_MAX_MOVE_ROUNDS, local_precision=local_precision,
-                                          final_rounds=2)
+                                          final_rounds=2, independence_steps=smc_mcmc_steps)
         # the final rounds (2 x smc_mcmc_steps moves at the posterior) part the copies that the last
         # resampling made: the last tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP
         # at 10 dB); the distinct share before them says how well the tempering's moves mixed
@@ -812,7 +839,9 @@ def _smc_functions(space: _Space, log_post, lows, highs) -> dict:
     :func:`_t_mixture_arrays`), not a constant: the same functions, kept in :data:`_COMPILED`, let
     :func:`jr_jax._likelihood.tempered_smc` compile its step once for every later fit.
 
-    ``log_q(w (d,), data)``: the defensive proposal, half prior, half Laplace t mixture;
+    ``log_q(w (d,), data)``: the SMC's initial law, a mixture of the prior, the Laplace t mixture (in
+    z) and the ridge mixture (in w, :func:`_ridge_mixture_arrays`) with the log shares
+    ``data["log_shares"] (3,)``;
     ``log_target(w (d,), data)``: the log posterior (:func:`particle_batched`);
     ``log_post(w (B, d), data) -> (B,)``: the same, batched and jitted."""
     prior = space.prior
@@ -828,7 +857,9 @@ def _smc_functions(space: _Space, log_post, lows, highs) -> dict:
         z, ldj, inside = _z_from_w(w[None], lows, highs, n_log)
         lp = log_prior_z(z)[0]
         lt = _t_mixture_logpdf_arrays(z, data)[0]
-        return jnp.where(inside[0], jnp.logaddexp(lp, lt) + math.log(0.5) + ldj[0], -jnp.inf)
+        lr = _ridge_mixture_logpdf_arrays(w[None], data)[0]
+        parts = jnp.stack([lp + ldj[0], lt + ldj[0], lr]) + data["log_shares"]
+        return jnp.where(inside[0], jax.scipy.special.logsumexp(parts), -jnp.inf)
 
     def log_post_w(wb, data):
         z, ldj, inside = _z_from_w(wb, lows, highs, n_log)
@@ -1041,6 +1072,9 @@ _SMC_MAX_MOVE_ROUNDS = 5
 """At each SMC temperature, up to this many rounds of ``smc_mcmc_steps`` moves, until 90 % of the
 particles have left the point they were resampled at (:func:`jr_jax._likelihood.tempered_smc`)."""
 
+_SMC_PRIOR_SHARE = 0.1
+"""The prior's share of the tempered SMC's initial law; the rest is the last importance proposal."""
+
 _IS_EXTEND = 3  # further batches of n_proposal draws (in all rounds) while k-hat passes but the ESS is below 100
 
 _RIDGE_SHARE = 0.8  # of the importance draws from the ridge-shaped mixture in log(theta) (when there is a ridge)
@@ -1190,15 +1224,20 @@ def _adapt_ridge_mixture(mix: dict, w, weights, q_parts, space: _Space, n_log: i
     return dict(mix, centres=centres, chols=chols, segments=segments, weights=weights_new / weights_new.sum())
 
 
+def _ridge_log_norm(seg, beta) -> float:
+    """log of the integral of exp(beta t) over the segment ``seg = (lo, hi)``."""
+    lo, hi = seg
+    if abs(beta) * (hi - lo) < 1e-8:
+        return math.log(hi - lo)
+    if beta > 0:
+        return beta * hi + math.log(-math.expm1(-beta * (hi - lo))) - math.log(beta)
+    return beta * lo + math.log(-math.expm1(beta * (hi - lo))) - math.log(-beta)
+
+
 def _ridge_t_logpdf(t, seg, beta):
     """Log density along the ridge: 0.9 truncated exp(beta t) on ``seg`` + 0.1 normal of the segment."""
     lo, hi = seg
-    if abs(beta) * (hi - lo) < 1e-8:
-        log_norm = math.log(hi - lo)
-    elif beta > 0:
-        log_norm = beta * hi + math.log(-math.expm1(-beta * (hi - lo))) - math.log(beta)
-    else:
-        log_norm = beta * lo + math.log(-math.expm1(beta * (hi - lo))) - math.log(-beta)
+    log_norm = _ridge_log_norm(seg, beta)
     inside = (t >= lo) & (t <= hi)
     with np.errstate(divide="ignore"):
         trunc = np.where(inside, beta * t - log_norm, -np.inf)
@@ -1246,6 +1285,49 @@ def _ridge_mixture_logpdf(w, mix: dict, per_component: bool = False) -> np.ndarr
     return np.stack(parts, axis=1) if per_component else np.logaddexp.reduce(np.stack(parts), axis=0)
 
 
+def _ridge_mixture_arrays(mix: dict | None, d: int, n_components: int) -> dict:
+    """:func:`_ridge_laplace_mixture` as arrays for :func:`_ridge_mixture_logpdf_arrays`, padded to
+    ``n_components`` components of weight 0 (``mix`` None: every component of weight 0, for a prior
+    without the exact ridge), so that the shapes do not depend on the fit: ``r_centres (K, d)``,
+    ``r_inv_chols (K, d - 1, d - 1)``, ``r_log_perp (K,)`` (log weight and normalisation across),
+    ``r_segments (K, 2)``, ``r_log_norm (K,)`` (along), ``r_basis (d, d - 1)``, ``r_ridge (d,)``,
+    ``r_beta ()``; float64 factors given in float32."""
+    dm = d - 1
+    centres, segments = np.zeros((n_components, d)), np.tile([0.0, 1.0], (n_components, 1))
+    inv = np.tile(np.eye(dm), (n_components, 1, 1))
+    log_perp, log_norm = np.full(n_components, -np.inf), np.zeros(n_components)
+    basis, ridge, beta = np.zeros((d, dm)), np.zeros(d), 0.0
+    if mix is not None:
+        k = len(mix["centres"])
+        nu = _T_DF
+        const = math.lgamma((nu + dm) / 2) - math.lgamma(nu / 2) - 0.5 * dm * math.log(nu * math.pi)
+        centres[:k], segments[:k], inv[:k] = mix["centres"], mix["segments"], np.linalg.inv(mix["chols"])
+        with np.errstate(divide="ignore"):
+            log_perp[:k] = (np.log(mix["weights"]) + const
+                            - np.sum(np.log(np.diagonal(mix["chols"], axis1=1, axis2=2)), axis=1))
+        log_norm[:k] = [_ridge_log_norm(seg, mix["beta"]) for seg in mix["segments"]]
+        basis, ridge, beta = mix["basis"], mix["ridge"], mix["beta"]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return dict(r_centres=f32(centres), r_inv_chols=f32(inv), r_log_perp=f32(log_perp), r_segments=f32(segments),
+                r_log_norm=f32(log_norm), r_basis=f32(basis), r_ridge=f32(ridge), r_beta=f32(beta))
+
+
+def _ridge_mixture_logpdf_arrays(w, data):
+    """:func:`_ridge_mixture_logpdf` in jax.numpy from :func:`_ridge_mixture_arrays`: ``w (n, d) -> (n,)``."""
+    dm = data["r_basis"].shape[1]
+    nu = _T_DF
+    dw = w[:, None, :] - data["r_centres"][None]  # (n, K, d)
+    sol = jnp.einsum("kij,nkj->nki", data["r_inv_chols"], dw @ data["r_basis"])
+    lp_perp = data["r_log_perp"][None] - 0.5 * (nu + dm) * jnp.log1p(jnp.sum(sol**2, axis=-1) / nu)
+    t = dw @ data["r_ridge"]  # (n, K)
+    lo, hi = data["r_segments"][:, 0], data["r_segments"][:, 1]
+    trunc = jnp.where((t >= lo) & (t <= hi), data["r_beta"] * t - data["r_log_norm"], -jnp.inf)
+    sd = hi - lo
+    normal = -0.5 * ((t - 0.5 * (lo + hi)) / sd) ** 2 - jnp.log(sd * math.sqrt(2 * math.pi))
+    along = jnp.logaddexp(math.log(0.9) + trunc, math.log(0.1) + normal)
+    return jax.scipy.special.logsumexp(lp_perp + along, axis=1)
+
+
 class _Proposal:
     """The importance proposal q of one fit on the host, in its sampling coordinates v: w
     (:func:`_w_from_z`) when the prior has the exact ridge (``rmix``, :func:`_ridge_laplace_mixture`,
@@ -1258,14 +1340,15 @@ class _Proposal:
         self.centres, self.chols, self.weights, self.signs = centres, chols, weights, signs
         self.rmix, self.n_log = rmix, n_log
 
-    def sample(self, key, n: int):
-        """``n`` draws ``(v (n, d), sign (n,))``: ``round(_RIDGE_SHARE n)`` from the ridge mixture, the
-        rest from the t mixture (stratified: the weights use the whole mixture's density)."""
+    def sample(self, key, n: int, n_ridge: int | None = None):
+        """``n`` draws ``(v (n, d), sign (n,))``: ``n_ridge`` (default ``round(_RIDGE_SHARE n)``) from the
+        ridge mixture, the rest from the t mixture (stratified: the weights use the whole mixture's
+        density)."""
         if self.rmix is None:
             z, which = _t_mixture_sample(key, self.centres, self.chols, self.weights, n)
             return z, self.signs[which]
         k_ridge, k_t = jax.random.split(key)
-        n_ridge = int(round(_RIDGE_SHARE * n))
+        n_ridge = int(round(_RIDGE_SHARE * n)) if n_ridge is None else n_ridge
         w_ridge, which_ridge = _ridge_mixture_sample(k_ridge, self.rmix, n_ridge)
         z_t, which_t = _t_mixture_sample(k_t, self.centres, self.chols, self.weights, n - n_ridge)
         space = self.space

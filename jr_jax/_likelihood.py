@@ -484,9 +484,36 @@ def _next_temperature(ratio: np.ndarray, beta: float, target: float = 0.5) -> fl
     return beta + max(lo, 1e-9)
 
 
+def independence_metropolis(key, z, ratio, beta: float, sample_q, log_ratio, max_steps: int,
+                            stop_share: float = 2.0, min_acceptance: float = 0.05):
+    """Independence Metropolis steps for the tempered target q^(1 - beta) target^beta: every particle
+    ``z (n, d)`` (log ratios ``ratio (n,)`` = log target - log q) proposes a fresh draw of q
+    (``sample_q(key, n)``: independent rows of q itself), accepted with probability
+    min(1, exp(beta (ratio' - ratio))), whose q terms cancel. Up to ``max_steps`` steps, stopping
+    when the share ``stop_share`` of the particles has moved or a step accepts under
+    ``min_acceptance``. Returns the particles, their log ratios, which moved ``(n,)`` and each
+    step's acceptance."""
+    n = len(ratio)
+    zn, ratio, moved, step_acc = np.asarray(z, np.float64), np.asarray(ratio, np.float64), np.zeros(n, bool), []
+    for i in range(max_steps):
+        k_draw, k_u = jax.random.split(jax.random.fold_in(key, i))
+        z_new = spread_batch(jnp.asarray(sample_q(k_draw, n), jnp.float32))
+        r_new = np.asarray(log_ratio(z_new), np.float64)
+        log_u = np.log(np.asarray(jax.random.uniform(k_u, (n,)), np.float64))
+        with np.errstate(invalid="ignore"):
+            take = np.isfinite(r_new) & (~np.isfinite(ratio) | (log_u < beta * (r_new - ratio)))
+        zn = np.where(take[:, None], np.asarray(z_new, np.float64), zn)
+        ratio = np.where(take, r_new, ratio)
+        moved |= take
+        step_acc.append(float(take.mean()))
+        if moved.mean() >= stop_share or take.mean() < min_acceptance:
+            break
+    return spread_batch(jnp.asarray(zn, jnp.float32)), ratio, moved, step_acc
+
+
 def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, max_steps, data=None, ridge=None,
                  ridge_scale: float = 0.3, base_cov=None, max_move_factor: int = 1, moved_target: float = 0.9,
-                 local_precision=None, final_rounds: int = 0):
+                 local_precision=None, final_rounds: int = 0, independence_steps: int = 0):
     """Adaptive tempered SMC from a tractable q(z) to a target in R^d:
     pi_beta(z) ~ q(z)^(1 - beta) target(z)^beta, beta from 0 to 1.
 
@@ -543,7 +570,16 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     ``final_rounds``: rounds of moves at the posterior (beta = 1) on the particles resampled after
     the last reweighting, the kernels in turn (``diag['final_acceptance']``); they part the copies
     of one point that the resampling made. ``diag['distinct_fraction_resampled']`` is the distinct
-    share before them."""
+    share before them.
+
+    ``independence_steps``: at each temperature, before the random-walk rounds, up to this many
+    independence Metropolis steps (:func:`independence_metropolis`; ``sample_q`` must then give
+    independent draws of q itself, each row of the law ``log_q``), exact for the tempered target;
+    one likelihood per particle and step. They stop when the share ``moved_target`` has moved or a
+    step accepts under 5 %; while beta is small they move nearly every particle, where random walks
+    scaled to the particles' covariance seldom succeed (``diag['independence_acceptance_per_step']``).
+    At least one round of random-walk moves follows: the particles that refuse the independence
+    moves are the copies of the likeliest points."""
     log_ratio, move = (_cached_smc_step if data is not None else _smc_step)(log_q, log_target, mcmc_steps,
                                                                            data is not None)
     k0, key = jax.random.split(key)
@@ -556,7 +592,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     log_lo, log_hi, spread = math.log(1e-3 / math.sqrt(d)), math.log(3.0), 1.0
     centres = {"particles": math.log(2.38 / math.sqrt(d)), "local": math.log(2.38 / math.sqrt(d))}
     kinds = ["particles"] + (["local"] if local_precision is not None else [])
-    rounds_per_step, kinds_per_step = [], []
+    rounds_per_step, kinds_per_step, ind_acc_per_step = [], [], []
 
     def proposal_factors(zn, w, ratio_now, beta_now):
         """Square-root factors ``F`` (``F F^T``) of the proposal covariances at this temperature,
@@ -573,11 +609,12 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
                                                  + np.asarray(p_rest, np.float64))
         return factors
 
-    def move_rounds(k_move, z, beta_now, factors, n_rounds, stop_share):
+    def move_rounds(k_move, z, beta_now, factors, n_rounds, stop_share, moved=None):
         """Rounds of ``mcmc_steps`` moves, the kernels in turn, each round's scales re-centred,
-        until ``stop_share`` of the particles have moved (or ``n_rounds``)."""
+        until ``stop_share`` of the particles have moved (or ``n_rounds``), at least one round;
+        ``moved``: those moved already (by the independence steps)."""
         start = np.asarray(z, np.float64)
-        moved = np.zeros(n_particles, bool)
+        moved = np.zeros(n_particles, bool) if moved is None else moved.copy()
         round_acc, round_kinds, ratio_now = [], [], None
         for rnd in range(n_rounds):
             kind = kinds[rnd % len(kinds)]
@@ -621,9 +658,19 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
         w = np.exp(log_w - np.logaddexp.reduce(log_w))
         zn = np.asarray(z, np.float64)
         factors = proposal_factors(zn, w, ratio, beta)
-        z = spread_batch(jnp.asarray(zn[_systematic(k_res, log_w, n_particles)], jnp.float32))
-        z, ratio, round_acc, round_kinds = move_rounds(k_move, z, beta, factors, max(1, max_move_factor), moved_target)
-        acc.append(float(np.mean(round_acc)))
+        idx = _systematic(k_res, log_w, n_particles)
+        z, ratio = spread_batch(jnp.asarray(zn[idx], jnp.float32)), ratio[idx]
+        moved = None
+        if independence_steps:
+            z, ratio, moved, ind_acc = independence_metropolis(
+                jax.random.fold_in(k_move, 7919), z, ratio, beta, sample_q, lambda zz: log_ratio(zz, data),
+                independence_steps, moved_target)
+            ind_acc_per_step.append(ind_acc)
+        # at least one round of random-walk moves: the particles that refuse the independence moves
+        # are the copies of the likeliest points, which moves within their mode part
+        z, ratio, round_acc, round_kinds = move_rounds(k_move, z, beta, factors, max(1, max_move_factor),
+                                                       moved_target, moved)
+        acc.append(float(np.mean((ind_acc_per_step[-1] if independence_steps else []) + round_acc)))
         rounds_per_step.append(len(round_acc))
         kinds_per_step.append(round_kinds)
         scales.append({k: float(math.exp(v)) for k, v in centres.items() if k in kinds})
@@ -645,11 +692,12 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
         z_out = np.asarray(z_moved, np.float64)
     diag = dict(smc_steps=steps, temperatures=betas, acceptance_rate=float(np.mean(acc)) if acc else 0.0,
                 acceptance_per_step=acc, scale_per_step=scales, move_rounds_per_step=rounds_per_step,
-                move_kinds_per_step=kinds_per_step, final_ess=float(1.0 / np.sum(w_distinct**2)),
+                move_kinds_per_step=kinds_per_step, independence_acceptance_per_step=ind_acc_per_step,
+                final_ess=float(1.0 / np.sum(w_distinct**2)),
                 distinct_before_last_reweighting=int(len(w_distinct)),
                 distinct_fraction_resampled=distinct_resampled / n_particles,
                 final_acceptance=float(np.mean(final_acc)) if final_acc else None, particles=n_particles,
                 reached_posterior=beta >= 1.0 and finite_particles,
-                likelihood_evaluations=n_particles * (1 + len(acc) + mcmc_steps * (sum(rounds_per_step)
-                                                                                    + len(final_acc))))
+                likelihood_evaluations=n_particles * (1 + len(acc) + sum(map(len, ind_acc_per_step))
+                                                      + mcmc_steps * (sum(rounds_per_step) + len(final_acc))))
     return z_out, log_z, diag

@@ -272,6 +272,50 @@ def test_ridge_mixture_density_and_sampler_against_scipy():
     assert stats.kstest(along, along_cdf).pvalue > 1e-3
 
 
+def test_independence_metropolis_keeps_the_tempered_target():
+    """The SMC's independence moves at beta = 0.3 from q = N(0, 1) towards target N(2, 0.5^2) (1-D):
+    their invariant law is q^0.7 target^0.3 = N(1.2632, 1.9^-1) (precisions add: 0.7 + 0.3 * 4).
+    4000 particles drawn from it stay distributed so after 5 steps, and 4000 started from q reach it
+    in 30; KS tests against its CDF at p > 0.001 (critical distance 0.031 at this size; without the
+    beta in the acceptance the law would be the target itself, at a distance > 0.4)."""
+    from scipy import stats
+
+    from jr_jax._likelihood import independence_metropolis
+
+    beta, prec = 0.3, 0.7 + 0.3 * 4.0
+    law = stats.norm(beta * 4.0 * 2.0 / prec, prec**-0.5)
+    sample_q = lambda k, n: jax.random.normal(k, (n, 1))  # noqa: E731
+    log_ratio = lambda z: np.asarray(-0.5 * ((z[:, 0] - 2.0) / 0.5) ** 2 + 0.5 * z[:, 0] ** 2)  # noqa: E731
+    start = law.rvs(size=(4000, 1), random_state=np.random.default_rng(0))
+    for z0, steps, key in ((start, 5, 0), (np.asarray(sample_q(jax.random.key(9), 4000)), 30, 1)):
+        z, ratio, moved, acc = independence_metropolis(jax.random.key(key), jnp.asarray(z0, jnp.float32),
+                                                       log_ratio(jnp.asarray(z0)), beta, sample_q, log_ratio, steps)
+        z = np.asarray(z, np.float64)[:, 0]
+        assert len(acc) == steps and 0.3 < np.mean(acc) < 1.0, acc
+        np.testing.assert_allclose(ratio, log_ratio(z[:, None]), rtol=1e-5, atol=1e-5)
+        assert stats.kstest(z, law.cdf).pvalue > 1e-3, stats.kstest(z, law.cdf)
+
+
+def test_ridge_mixture_arrays_give_the_host_density():
+    """The SMC's ridge mixture in jax.numpy (float32, padded to 4 components of weight 0) equals the
+    host's float64 density :func:`_fit._ridge_mixture_logpdf` (checked against SciPy above) at draws
+    of a 2-component mixture in d = 3, to 2e-4 nats (float32 rounding of terms of size <= 1e2);
+    without the ridge every component weighs nothing (-inf)."""
+    from scipy.linalg import null_space
+
+    r = np.array([1.0, -1.0, -1.0]) / np.sqrt(3)
+    basis = null_space(r[None])
+    chols = np.array([[[0.1, 0.0], [0.03, 0.05]], [[0.2, 0.0], [-0.05, 0.08]]])
+    mix = dict(centres=np.array([[0.3, -0.2, 0.1], [0.5, 0.0, -0.4]]), chols=chols,
+               segments=np.array([[-0.4, 1.3], [-1.0, 0.2]]), basis=basis, ridge=r, beta=float(r.sum()),
+               weights=np.array([0.7, 0.3]))
+    w, _ = _fit._ridge_mixture_sample(jax.random.key(0), mix, 500)
+    got = np.asarray(_fit._ridge_mixture_logpdf_arrays(jnp.asarray(w, jnp.float32), _fit._ridge_mixture_arrays(mix, 3, 4)))
+    np.testing.assert_allclose(got, _fit._ridge_mixture_logpdf(w, mix), rtol=0, atol=2e-4)
+    none = np.asarray(_fit._ridge_mixture_logpdf_arrays(jnp.asarray(w, jnp.float32), _fit._ridge_mixture_arrays(None, 3, 4)))
+    assert np.all(none == -np.inf)
+
+
 def test_importance_sampling_follows_the_exact_ridge():
     """Five parameters (C, a_1..a_4) where only the products C*a_k enter the model, at 30 dB: the
     importance draws from the ridge-shaped proposal are accepted (k-hat <= 0.5; the t mixture in z
@@ -281,21 +325,47 @@ def test_importance_sampling_follows_the_exact_ridge():
     the fitted draws' quantiles 5-95 % have CDF values under that law within 0.08 of their levels
     (an ESS >= 500 gives SEs <= 0.022, so 0.08 is > 3.5 SE, with room for the blur of the
     interval's ends by the products' spread)."""
+    prior, x, sd = _ridge_observation()
+    res = jr_jax.fit(x, PROTOCOL, noise_sd=sd, prior=prior, key=jax.random.key(0), n_screen=64, n_starts=4,
+                     n_samples=2000)
+    assert res.sampler == "laplace-importance" and res.pareto_k <= 0.5 and res.ess >= 500, (res.pareto_k, res.ess)
+    _assert_c_follows_the_ridge(prior, res.samples)
+
+
+def test_smc_from_the_importance_proposal_follows_the_exact_ridge():
+    """The SMC (forced) on the same ERP, tempered from the importance proposal (the ridge mixture,
+    the t mixture and 10 % prior) with independence and random-walk moves: ESS >= 300 and C's law
+    on the ridge as above (SE <= 0.03 at that ESS, so 0.08 is > 2.6 SE); the moves at the first
+    temperature are mostly independence draws (acceptance > 0.2: far from the target q's draws
+    would be rejected)."""
+    prior, x, sd = _ridge_observation()
+    res = jr_jax.fit(x, PROTOCOL, noise_sd=sd, prior=prior, key=jax.random.key(0), n_screen=64, n_starts=4,
+                     n_samples=2000, sampler="smc", smc_particles=600, smc_mcmc_steps=6)
+    diag = res.diagnostics
+    assert res.sampler == "smc" and diag["smc_reached_posterior"] and res.ess >= 300, res.ess
+    assert np.mean(diag["smc_independence_acceptance_per_step"][0]) > 0.2, diag["smc_independence_acceptance_per_step"]
+    _assert_c_follows_the_ridge(prior, res.samples)
+
+
+def _ridge_observation():
     prior = jr_jax.Prior(names=("C", "a_1", "a_2", "a_3", "a_4"))
     theta0 = np.array([[400.0, 1.0, 0.8, 0.25, 0.25]])
     clean = np.asarray(jr_jax.simulate(prior.to_params(theta0), PROTOCOL), np.float64)[0]
     sd = float(np.sqrt(np.mean(clean**2)) / 10 ** (30 / 20))
-    x = clean + sd * np.random.default_rng(5).standard_normal(clean.shape)
-    res = jr_jax.fit(x, PROTOCOL, noise_sd=sd, prior=prior, key=jax.random.key(0), n_screen=64, n_starts=4,
-                     n_samples=2000)
-    assert res.sampler == "laplace-importance" and res.pareto_k <= 0.5 and res.ess >= 500, (res.pareto_k, res.ess)
-    C = res.samples[:, 0]
-    products = np.median(res.samples[:, 1:] * C[:, None], axis=0)
+    return prior, clean + sd * np.random.default_rng(5).standard_normal(clean.shape), sd
+
+
+def _assert_c_follows_the_ridge(prior, samples):
+    """C's quantiles 5-95 % under the law p(C | data) ~ C^-4 on the C where every a_k = c_k / C lies
+    in its box (the products c_k at the draws' medians), within 0.08 of their levels."""
+    C = samples[:, 0]
+    products = np.median(samples[:, 1:] * C[:, None], axis=0)
     lo = max(prior.lows[0], *(products / prior.highs[1:]))
     hi = min(prior.highs[0], *(products / prior.lows[1:]))
     cdf = lambda c: (lo**-3 - np.clip(c, lo, hi) ** -3) / (lo**-3 - hi**-3)  # noqa: E731
     levels = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
     assert np.all(np.abs(cdf(np.quantile(C, levels)) - levels) < 0.08), (cdf(np.quantile(C, levels)), levels)
+
 
 def test_checks_of_fit(observation, result):
     """The truth is in the model and the noise SD is right: reduced chi-square of the predictive mean
