@@ -325,7 +325,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
       while k-hat <= ``khat_threshold`` but the ESS < 100, up to three more batches of draws come from
       the last proposal (k-hat says the weights are reliable, only too few are effective);
       when k-hat > ``khat_threshold`` or the ESS stays < 100, tempered SMC (``smc_particles``) runs
-      from a defensive mixture instead (``sampler="auto"``; ``"laplace-importance"`` or ``"smc"``
+      from that last proposal mixed with 10 % of the prior instead (``sampler="auto"``; ``"laplace-importance"`` or ``"smc"``
       force one, the first warned when its weights fail). ``n_samples`` posterior draws come back.
     """
     from .eeg._recording import Recording, baseline_noise_sd
@@ -622,10 +622,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
         # the Laplace covariance of the most probable mode, carried from z to w (a diagonal Jacobian):
         # the moves keep every direction even when resampling leaves only a few distinct particles
         b = int(np.argmax(mix))
-        lo64, hi64 = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
-        sig = 1.0 / (1.0 + np.exp(-np.asarray(centres[b], np.float64)))
-        dw_dz = np.ones(d)
-        dw_dz[:n_log] = ((hi64 - lo64) * sig * (1.0 - sig) / (lo64 + (hi64 - lo64) * sig))[:n_log]
+        dw_dz = _dw_dz(centres[b][None], space, n_log)[0]
         lap_chol_w = dw_dz[:, None] * np.asarray(mchols[b], np.float64)
         laplace_cov_w = lap_chol_w @ lap_chol_w.T
         # and the local proposal of the SMC's moves at each temperature, (beta P_data + P_prior)^-1:
@@ -642,11 +639,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             z_top = np.where(inside[:, None], z_top, centres[b][None, :])
             _, jac_top = comp["residuals_and_jac"](jnp.asarray(z_top, jnp.float32), jnp.full(n_jac, s_fixed, jnp.float32),
                                                    xj, sd_j)
-            sig_top = 1.0 / (1.0 + np.exp(-z_top[:, :n_log]))
-            dz_dw = np.ones((n_jac, d))
-            dz_dw[:, :n_log] = (lo64[:n_log] + (hi64[:n_log] - lo64[:n_log]) * sig_top) / (
-                (hi64[:n_log] - lo64[:n_log]) * sig_top * (1.0 - sig_top))
-            jw = np.asarray(jac_top, np.float64) * dz_dw[:, None, :]  # (k, R, d)
+            jw = np.asarray(jac_top, np.float64) / _dw_dz(z_top, space, n_log)[:, None, :]  # (k, R, d)
             ok = np.all(np.isfinite(jw), axis=(1, 2))
             jw = jw[ok] if ok.any() else (np.asarray(mode_jacs[b], np.float64) / dw_dz[None, :])[None]
             n_x = len(x)
@@ -659,8 +652,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
                                           final_rounds=2, independence_steps=smc_mcmc_steps)
         # the final rounds (2 x smc_mcmc_steps moves at the posterior) part the copies that the last
         # resampling made: the last tempering step can be a long jump (0.45 -> 1 on a 2-parameter ERP
-        # at 10 dB); the distinct share before them says how well the tempering's moves mixed
-        smc_diag["distinct_fraction"] = smc_diag.pop("distinct_fraction_resampled")
+        # at 10 dB); the distinct share before them (distinct_fraction) says how well the moves mixed
         w_smc = jnp.asarray(w_smc, jnp.float32)
         if ridge is not None:
             # Metropolis moves along the exact ridge: the likelihood does not change there, only the
@@ -867,6 +859,18 @@ def _smc_functions(space: _Space, log_post, lows, highs) -> dict:
         return jnp.where(inside, lp + ldj, -jnp.inf)
 
     return dict(n_log=n_log, log_q=log_q, log_target=particle_batched(log_post_w), log_post=jax.jit(log_post_w))
+
+
+def _dw_dz(z, space: _Space, n_log: int) -> np.ndarray:
+    """The diagonal Jacobian ``dw/dz (n, d)`` of :func:`_w_from_z` at ``z (n, d)``, in float64:
+    d log(theta) / dz = (hi - lo) s (1 - s) / theta with s = sigmoid(z) for the first ``n_log``
+    coordinates, 1 for the rest."""
+    z = np.asarray(z, np.float64)
+    lo, hi = np.asarray(space.lows, np.float64)[:n_log], np.asarray(space.highs, np.float64)[:n_log]
+    sig = scipy_expit(z[:, :n_log])
+    out = np.ones_like(z)
+    out[:, :n_log] = (hi - lo) * sig * (1.0 - sig) / (lo + (hi - lo) * sig)
+    return out
 
 
 def _w_z_float64(w, lows, highs, n_log: int):

@@ -251,10 +251,12 @@ def correct_posterior(estimator, erp, *, key, noise_sd: float | None = None, snr
     ``log p(erp | theta) + log prior(theta) - log q(theta | erp)`` (:func:`log_likelihood`,
     :func:`log_prior`) with Pareto smoothing (:func:`psis`), and resamples ``n`` draws. When the
     weights' k-hat exceeds ``khat_threshold`` the importance estimate is unreliable and adaptive
-    tempered SMC (BlackJAX; ``smc_particles`` particles, ``smc_mcmc_steps`` random-walk
-    Metropolis moves per step, proposal from the particles' covariance with its scale adapted towards
-    an acceptance rate of 0.23) moves from the NPE
-    approximation to the posterior instead, with the likelihood batched over the particles.
+    tempered SMC (:func:`tempered_smc`; ``smc_particles`` particles) moves from the NPE
+    approximation to the posterior instead, with the likelihood batched over the particles: at each
+    temperature up to ``smc_mcmc_steps`` independence moves from the NPE, then rounds of
+    ``smc_mcmc_steps`` random-walk Metropolis moves (BlackJAX's kernel) on the particles'
+    covariance, 2 rounds at the posterior, and exact moves along the ridge (C, a_k) ->
+    (lambda C, a_k / lambda), where the likelihood is constant.
 
     - ``erp``: one ERP in mV on the estimator's grid;
     - ``noise_sd`` (mV) or ``snr_db``: the observation model (module docstring);
@@ -384,10 +386,25 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     def sample_q(k, n):
         return jnp.log(from_unbounded(net.sample_z(k, n, emb), lows, highs))
 
-    u, log_z, diag = tempered_smc(log_q, sample_q, log_target, key, len(prior.names), n_particles, mcmc_steps,
-                                  max_steps)
+    ridge = ridge_direction(prior.names)
+    k_smc, k_ridge = jax.random.split(key)
+    u, log_z, diag = tempered_smc(log_q, sample_q, log_target, k_smc, len(prior.names), n_particles, mcmc_steps,
+                                  max_steps, ridge=ridge, max_move_factor=_CORRECTION_MOVE_ROUNDS, final_rounds=2,
+                                  independence_steps=mcmc_steps)
+    u = np.asarray(u, np.float64)
+    if ridge is not None and diag["reached_posterior"]:
+        # exact Metropolis moves along the ridge: the likelihood is constant there, so they are
+        # accepted on the prior and its Jacobian alone (no simulation)
+        from ._fit import _host_rng, _ridge_moves
+
+        u, _, diag["ridge_acceptance"] = _ridge_moves(_host_rng(k_ridge), u, ridge[0], prior, len(prior.names), 30)
     diag["coordinates"] = "log(theta)"
-    return np.exp(np.asarray(u, np.float64)), log_z, diag
+    return np.exp(u), log_z, diag
+
+
+_CORRECTION_MOVE_ROUNDS = 3
+"""At each temperature of the correction's SMC, up to this many rounds of random-walk moves until 90 %
+of the particles have moved (:func:`tempered_smc`'s ``max_move_factor``)."""
 
 
 def ridge_direction(names, d: int | None = None) -> np.ndarray | None:
@@ -569,7 +586,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
 
     ``final_rounds``: rounds of moves at the posterior (beta = 1) on the particles resampled after
     the last reweighting, the kernels in turn (``diag['final_acceptance']``); they part the copies
-    of one point that the resampling made. ``diag['distinct_fraction_resampled']`` is the distinct
+    of one point that the resampling made. ``diag['distinct_fraction']`` is the distinct
     share before them.
 
     ``independence_steps``: at each temperature, before the random-walk rounds, up to this many
@@ -695,7 +712,7 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
                 move_kinds_per_step=kinds_per_step, independence_acceptance_per_step=ind_acc_per_step,
                 final_ess=float(1.0 / np.sum(w_distinct**2)),
                 distinct_before_last_reweighting=int(len(w_distinct)),
-                distinct_fraction_resampled=distinct_resampled / n_particles,
+                distinct_fraction=distinct_resampled / n_particles,
                 final_acceptance=float(np.mean(final_acc)) if final_acc else None, particles=n_particles,
                 reached_posterior=beta >= 1.0 and finite_particles,
                 likelihood_evaluations=n_particles * (1 + len(acc) + sum(map(len, ind_acc_per_step))

@@ -357,8 +357,9 @@ plt.show()"""),
 Eight starts drawn from the prior, each with the gain that best scales its ERP onto the data,
 solved in one batch. The posterior comes from importance sampling on the Laplace approximation
 of the best optima (in log θ, following the exact C–a_k ridge with the law the prior sets along
-it), or, when its Pareto k̂ says that is unreliable, from tempered SMC (started from half that
-approximation and half the prior, with exact Metropolis moves along the C–a_k ridge at the end). `result.table()` gives the MAP, the posterior mean, the 90 % interval and how much the data
+it), or, when its Pareto k̂ says that is unreliable, from tempered SMC (started from that
+importance proposal mixed with 10 % of the prior, moved by independence draws from it and by
+random walks, with exact Metropolis moves along the C–a_k ridge at the end). `result.table()` gives the MAP, the posterior mean, the 90 % interval and how much the data
 contract the prior, for each parameter and for log(C·a_k)."""),
     ("code", """\
 particles, moves = (1000, 10) if FULL else (200, 4)
