@@ -642,8 +642,9 @@ def _parser() -> argparse.ArgumentParser:
                    "of the pre-stimulus baseline)")
     g.add_argument("--reference", choices=["average", "none"], default="average",
                    help="re-reference to the average of the good EEG channels, or keep the file's")
-    g.add_argument("--screen", type=int, default=1000, help="candidate starts (estimator or prior draws) ranked by "
-                   "their log posterior in one batch; the best half of --starts and random others are solved")
+    g.add_argument("--screen", type=int, default=None, help="candidate starts (estimator or prior draws) ranked by "
+                   "their log posterior in one batch; the best half of --starts and random others are solved "
+                   "(default: 1000 with --model, 20000 without)")
     g.add_argument("--starts", type=int, default=None, help="Levenberg-Marquardt starts, solved in one batch "
                    "(default: 4 with --model, 8 without)")
     g.add_argument("--max-steps", type=int, default=100, help="most Levenberg-Marquardt steps per start (a start "

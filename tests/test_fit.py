@@ -377,6 +377,7 @@ def test_checks_of_fit(observation, result):
     assert result.r2 == pytest.approx(r2, rel=1e-9)
     assert np.all(result.band[0] <= result.erp_fit + 1e-9) and np.all(result.erp_fit <= result.band[1] + 1e-9)
     assert result.n_modes >= 1 and result.params["noise_sd"] == sd
+    assert result.diagnostics["n_screen"] == 20000  # the default without an estimator: prior draws
     text = result.table()
     assert "A_i" in text and "reduced chi2" in text
 
