@@ -1081,8 +1081,8 @@ particles have left the point they were resampled at (:func:`jr_jax._likelihood.
 
 _N_SCREEN_PRIOR = 20000
 """Candidate starts screened without an estimator. On the shipped Left Auditory recording (keys 0-3,
-8 starts) 1000 prior candidates led every fit to a worse optimum (posterior predictive chi2
-1.59-1.61); 8000 to it in two fits of four; 20 000 in none (chi2 1.17-1.38), for about 4 s more."""
+8 starts) 1000 prior candidates left every fit in a worse optimum (posterior predictive chi2
+1.60-1.61); 8000 left two fits of four there; 20 000 none (chi2 1.17-1.38), for about 4 s more."""
 
 _SMC_PRIOR_SHARE = 0.1
 """The prior's share of the tempered SMC's initial law; the rest is the last importance proposal."""
