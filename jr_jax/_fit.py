@@ -37,7 +37,8 @@ from scipy.special import expit as scipy_expit
 
 from ._estimator import MisspecificationWarning
 from ._flow import from_unbounded, log_jacobian, log_to_unbounded, to_unbounded
-from ._likelihood import _log_prior, _systematic, effective_sample_size, particle_batched, psis, ridge_direction, tempered_smc
+from ._likelihood import (_host_rng, _log_prior, _ridge_moves, _systematic, effective_sample_size, particle_batched,
+                          psis, ridge_direction, tempered_smc)
 from ._params import Prior
 from ._simulate import Protocol, constrain_batch, simulate, spread_batch as _spread
 from ._solve import as_typed_key
@@ -617,8 +618,7 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
             w = np.array(_w_from_z(to_unbounded(u, lows, highs), lows, highs, n_log), np.float64)
             v_rest = prop_kept.sample(k3, n - n_prior, n_ridge=int(np.sum(label == 2)))[0]
             if rmix_kept is None:  # the t mixture's draws are in z
-                u_rest = space.lows + (space.highs - space.lows) * scipy_expit(v_rest)
-                v_rest = np.concatenate([np.log(u_rest[:, :n_log]), v_rest[:, n_log:]], axis=1)
+                v_rest = _w_from_z_host(v_rest, space, n_log)
             w[label != 0] = v_rest[rng.permutation(n - n_prior)]
             return jnp.asarray(w, jnp.float32)
 
@@ -862,6 +862,13 @@ def _smc_functions(space: _Space, log_post, lows, highs) -> dict:
         return jnp.where(inside, lp + ldj, -jnp.inf)
 
     return dict(n_log=n_log, log_q=log_q, log_target=particle_batched(log_post_w), log_post=jax.jit(log_post_w))
+
+
+def _w_from_z_host(z, space: _Space, n_log: int) -> np.ndarray:
+    """:func:`_w_from_z` in float64 numpy, for draws made on the host: ``z (n, d) -> w (n, d)``."""
+    z = np.asarray(z, np.float64)
+    u = space.lows + (space.highs - space.lows) * scipy_expit(z)
+    return np.concatenate([np.log(u[:, :n_log]), z[:, n_log:]], axis=1)
 
 
 def _dw_dz(z, space: _Space, n_log: int) -> np.ndarray:
@@ -1363,9 +1370,7 @@ class _Proposal:
         n_ridge = int(round(_RIDGE_SHARE * n)) if n_ridge is None else n_ridge
         w_ridge, which_ridge = _ridge_mixture_sample(k_ridge, self.rmix, n_ridge)
         z_t, which_t = _t_mixture_sample(k_t, self.centres, self.chols, self.weights, n - n_ridge)
-        space = self.space
-        u_t = space.lows + (space.highs - space.lows) * scipy_expit(z_t)
-        w_t = np.concatenate([np.log(u_t[:, :self.n_log]), z_t[:, self.n_log:]], axis=1)
+        w_t = _w_from_z_host(z_t, self.space, self.n_log)
         return np.concatenate([w_ridge, w_t]), self.signs[np.concatenate([which_ridge, which_t])]
 
     def _z(self, v):
@@ -1400,33 +1405,6 @@ class _Proposal:
         return np.where(inside, lp + ldj, -np.inf)
 
 
-def _ridge_log_density(prior: Prior, w, n_log: int) -> np.ndarray:
-    """The part of the log posterior in w that changes along the exact ridge: the prior's log
-    density at theta = exp(w) plus log |dtheta/dw| = sum(w) (-inf outside the box). The likelihood
-    depends on C and a_k only through C a_k, so it does not change there."""
-    k = len(prior.names)
-    with np.errstate(over="ignore"):
-        return _log_prior(prior, np.exp(w[:, :k]), np) + np.sum(w[:, :n_log], axis=1)
-
-
-def _ridge_moves(rng, w, ridge, prior: Prior, n_log: int, sweeps: int, scale: float = 0.3):
-    """``sweeps`` Metropolis moves of every particle ``w (n, d)`` along the unit ``ridge (d,)``, steps
-    N(0, ``scale``^2), accepted on :func:`_ridge_log_density` alone (exact for the posterior: the
-    likelihood is constant along the ridge). No simulation. Returns the particles, the change of
-    :func:`_ridge_log_density` per particle, and the mean acceptance."""
-    w = np.array(w, np.float64)
-    cur = _ridge_log_density(prior, w, n_log)
-    start, accepted = cur.copy(), 0.0
-    for _ in range(sweeps):
-        prop = w + scale * rng.standard_normal(len(w))[:, None] * ridge[None]
-        new = _ridge_log_density(prior, prop, n_log)
-        with np.errstate(invalid="ignore"):
-            take = (np.log(rng.uniform(size=len(w))) < new - cur) & np.isfinite(new)
-        w[take], cur[take] = prop[take], new[take]
-        accepted += float(take.mean())
-    return w, cur - start, accepted / max(sweeps, 1)
-
-
 def _batched_log_post(space, model, lows, highs):
     """``(z (B, d), sign (B,), x, noise_sd) -> -||r||^2 / 2 (B,)``: the log posterior in z up to a
     constant (-inf where the model diverges)."""
@@ -1440,13 +1418,6 @@ def _batched_log_post(space, model, lows, highs):
         return jnp.where(jnp.isfinite(val), val, -jnp.inf)
 
     return log_post
-
-
-def _host_rng(key) -> np.random.Generator:
-    """A NumPy generator seeded by a JAX key: the host-side draws (the proposals, the starts, the
-    resampling) come from it, since a ``jax.random`` call outside ``jit`` compiles a sampler for each
-    new shape (about 0.5 s for a gamma). The same key gives the same draws."""
-    return np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32).ravel().tolist())
 
 
 def _batch_bucket(n: int, chunk: int) -> int:

@@ -395,8 +395,6 @@ def _tempered_smc(estimator, x, prior, protocol, noise_sd, snr_db, key, n_partic
     if ridge is not None and diag["reached_posterior"]:
         # exact Metropolis moves along the ridge: the likelihood is constant there, so they are
         # accepted on the prior and its Jacobian alone (no simulation)
-        from ._fit import _host_rng, _ridge_moves
-
         u, _, diag["ridge_acceptance"] = _ridge_moves(_host_rng(k_ridge), u, ridge[0], prior, len(prior.names), 30)
     diag["coordinates"] = "log(theta)"
     return np.exp(u), log_z, diag
@@ -421,6 +419,40 @@ def ridge_direction(names, d: int | None = None) -> np.ndarray | None:
     for k in ks:
         v[0, names.index(k)] = -1.0
     return v / np.linalg.norm(v)
+
+
+def _host_rng(key) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key: the host-side draws (the proposals, the starts, the
+    resampling) come from it, since a ``jax.random`` call outside ``jit`` compiles a sampler for each
+    new shape (about 0.5 s for a gamma). The same key gives the same draws."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32).ravel().tolist())
+
+
+def _ridge_log_density(prior: Prior, w, n_log: int) -> np.ndarray:
+    """The part of the log posterior in w that changes along the exact ridge: the prior's log
+    density at theta = exp(w) plus log |dtheta/dw| = sum(w) (-inf outside the box). The likelihood
+    depends on C and a_k only through C a_k, so it does not change there."""
+    k = len(prior.names)
+    with np.errstate(over="ignore"):
+        return _log_prior(prior, np.exp(w[:, :k]), np) + np.sum(w[:, :n_log], axis=1)
+
+
+def _ridge_moves(rng, w, ridge, prior: Prior, n_log: int, sweeps: int, scale: float = 0.3):
+    """``sweeps`` Metropolis moves of every particle ``w (n, d)`` along the unit ``ridge (d,)``, steps
+    N(0, ``scale``^2), accepted on :func:`_ridge_log_density` alone (exact for the posterior: the
+    likelihood is constant along the ridge). No simulation. Returns the particles, the change of
+    :func:`_ridge_log_density` per particle, and the mean acceptance."""
+    w = np.array(w, np.float64)
+    cur = _ridge_log_density(prior, w, n_log)
+    start, accepted = cur.copy(), 0.0
+    for _ in range(sweeps):
+        prop = w + scale * rng.standard_normal(len(w))[:, None] * ridge[None]
+        new = _ridge_log_density(prior, prop, n_log)
+        with np.errstate(invalid="ignore"):
+            take = (np.log(rng.uniform(size=len(w))) < new - cur) & np.isfinite(new)
+        w[take], cur[take] = prop[take], new[take]
+        accepted += float(take.mean())
+    return w, cur - start, accepted / max(sweeps, 1)
 
 
 def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
@@ -547,8 +579,8 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     log-uniformly within a factor e of a centre; after each round of moves the centre moves to the
     scales' mean (in log) weighted by each particle's acceptance x scale^2, the expected squared
     jump in the covariance's metric (Fearnhead & Taylor 2013), or, when fewer than 10 moves were
-    accepted (too few to weigh the scales), down by a factor e^2. The moves at one temperature come in rounds of ``mcmc_steps`` steps; with
-    ``max_move_factor`` > 1, rounds are added (each with the re-centred scales, up to
+    accepted (too few to weigh the scales), down by a factor e^2. The moves at one temperature come
+    in rounds of ``mcmc_steps`` steps; with ``max_move_factor`` > 1, rounds are added (each with the re-centred scales, up to
     ``max_move_factor`` rounds) until a share ``moved_target`` of the particles has left the point
     it was resampled at: where the first scales are far off (a proposal much wider than the
     tempered target), the later rounds still part the copies that resampling made.
@@ -566,8 +598,8 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     narrow along it too), and these fixed-size steps were rejected whatever the scale (acceptance
     0.1 % on a real recording, its last population 38 distinct points of 500).
 
-    ``base_cov`` (``(d, d)``, e.g. a Laplace covariance of the target): added to the particles' covariance, rescaled to the same trace, so
-    that the proposal keeps every direction when the resampled particles are few distinct points
+    ``base_cov`` (``(d, d)``, e.g. a Laplace covariance of the target): added to the particles'
+    covariance, rescaled to the same trace, so that the proposal keeps every direction when the resampled particles are few distinct points
     (their covariance then has a low rank) while its size stays the particles' (a Laplace
     covariance from float32 Jacobians can be far wider than the target).
 
@@ -579,8 +611,8 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     the likelihood and of the prior at the best mode, or a function of the particles and their log
     ratios ``(z (n, d), ratio (n,)) -> (P_data, P_rest)``, called at each temperature before the
     resampling): a second proposal covariance, ``(beta P_data + P_rest)^-1``, the target's local
-    spread at the temperature. Rounds of moves then alternate between the particles' covariance (jumps across the population, between modes) and
-    this one (moves within a mode, where the particles' covariance is far wider than the tempered
+    spread at the temperature. Rounds of moves then alternate between the particles' covariance
+    (jumps across the population, between modes) and this one (moves within a mode, where the particles' covariance is far wider than the tempered
     target), each with its own scale centre. Both kernels are fixed before each round, symmetric
     and exact for the tempered target.
 
