@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import diffrax
 import equinox as eqx
@@ -12,15 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._model import NO_STIMULUS, Stimulus, drift, noise_scale
+from ._model import NO_STIMULUS, Stimulus, noise_scale
 from ._params import JRParams
 
 SolverName = Literal["euler", "heun", "midpoint"]
-SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
-    "euler": diffrax.Euler,
-    "heun": diffrax.Heun,
-    "midpoint": diffrax.Midpoint,
-}
 #: How a solve is differentiated: reverse mode (jax.grad, checkpointed) or forward mode (jax.jacfwd).
 DIFFERENTIATION = ("reverse", "forward")
 #: Defaults chosen by the convergence study in ``benchmarks/convergence.py`` (see README).
@@ -180,37 +175,80 @@ class CounterBrownianPath(diffrax.AbstractBrownianPath):
         return w
 
 
+class StepCoefficients(eqx.Module):
+    """Per-trajectory constants of the JR drift over one step of ``dt`` seconds (arrays ``(N,)``).
+
+    With S_k the logistic function at ``slope_k * v - r v0`` (``slope_3 = r``, v = y1 - y2;
+    ``slope_4 = r a_1 C``, ``slope_5 = r a_3 C``, v = y0), the change of y3..y5 over one step is
+    ``rate_k * S_k + mu_k - damp_k * y_k - stiff_k * y_(k-3)`` (``mu_4 = dt A_e b_e mu``, the others
+    0), and of y0..y2 it is ``dt * y3..y5``. Computed once per solve from the parameters (so the
+    time loop does no parameter arithmetic), differentiably.
+    """
+
+    dt: Array
+    slopes: tuple[Array, Array, Array]
+    offset: Array
+    rates: tuple[Array, Array, Array]
+    mu_4: Array
+    damping: tuple[Array, Array]
+    stiffness: tuple[Array, Array]
+
+    @classmethod
+    def from_params(cls, params: JRParams, dt) -> "StepCoefficients":
+        p = params
+        ae_be = p.A_e * p.b_e
+        two_e0_dt = 2.0 * p.e0 * dt
+        return cls(
+            dt=jnp.asarray(dt, p.r.dtype),
+            slopes=(p.r, p.r * p.a_1 * p.C, p.r * p.a_3 * p.C),
+            offset=p.r * p.v0,
+            rates=(two_e0_dt * ae_be, two_e0_dt * ae_be * p.a_2 * p.C, two_e0_dt * p.A_i * p.b_i * p.a_4 * p.C),
+            mu_4=dt * ae_be * p.mu,
+            damping=(2.0 * dt * p.b_e, 2.0 * dt * p.b_i),
+            stiffness=(dt * p.b_e**2, dt * p.b_i**2),
+        )
+
+    def step_drift(self, y):
+        """``dt * drift(y)`` for a state given as its six rows; returns six rows."""
+        y0, y1, y2, y3, y4, y5 = y
+        s3 = jax.nn.sigmoid(self.slopes[0] * (y1 - y2) - self.offset)
+        s4 = jax.nn.sigmoid(self.slopes[1] * y0 - self.offset)
+        s5 = jax.nn.sigmoid(self.slopes[2] * y0 - self.offset)
+        (de, di), (ke, ki) = self.damping, self.stiffness
+        return (
+            self.dt * y3,
+            self.dt * y4,
+            self.dt * y5,
+            self.rates[0] * s3 - de * y3 - ke * y0,
+            self.mu_4 + self.rates[1] * s4 - de * y4 - ke * y1,
+            self.rates[2] * s5 - di * y5 - ki * y2,
+        )
+
+
 class _JRTerm(diffrax.AbstractTerm):
     """The whole JR right-hand side as one term, in time measured in solver steps.
 
-    Control over step k = [t0, t1]: ``(t1 - t0, dS[k], dW[k])`` with dS the exact integral of the
-    stimulus over the step (it enters linearly, so integrating it exactly keeps each solver's
-    order across the pulse edges) and dW the Brownian increments of step k: drawn there from the
-    trajectories' keys by a :class:`CounterBrownianPath` (nothing per step is stored), or read
-    from an array of pre-drawn increments (one row per step).
-    The vector field: ``(dt * drift(y), stimulus gains on y3..y5, A_e b_e sigma)``.
+    The state is a tuple of six rows ``(N,)`` (XLA then fuses each row's update on its own, with no
+    copies of a stacked ``(6, N)`` array). Control over step k = [t0, t1]: ``(t1 - t0, dS[k], dW[k])``
+    with dS the exact integral of the stimulus over the step (it enters linearly, so integrating it
+    exactly keeps each solver's order across the pulse edges) and dW the Brownian increments of
+    step k: drawn there from the trajectories' keys by a :class:`CounterBrownianPath` (nothing per
+    step is stored), or read from an array of pre-drawn increments (one row per step).
+    ``args``: ``(StepCoefficients, stimulus gains on y3..y5, noise scale A_e b_e sigma)``.
     """
 
-    stimulus: Stimulus | None = eqx.field(static=True)
     stimulus_increments: Float[Array, " n_steps"] | None
-    dt: Array
     noise: "CounterBrownianPath | Float[Array, 'n_steps N'] | None"
 
     def vf(self, t, y, args):
-        params = args[0]
-        # additive coefficients on y3, y4, y5 (None where nothing is added)
-        stim = [None, None, None]
-        if self.stimulus is not None:
-            gains = self.stimulus.gains_per_state(params)
-            stim = [g if static != 0 else None for g, static in zip(gains, self.stimulus.gains)]
-        noise = None if self.noise is None else noise_scale(params)
-        return self.dt * drift(None, y, params), stim, noise
+        coefficients, stimulus_gains, noise = args
+        return coefficients.step_drift(y), stimulus_gains, noise
 
     def contr(self, t0, t1, **kwargs):
         ds = dw = None
-        if self.stimulus is not None or self.noise is not None:
+        if self.stimulus_increments is not None or self.noise is not None:
             index = jnp.round(t0).astype(jnp.int32)
-        if self.stimulus is not None:
+        if self.stimulus_increments is not None:
             ds = self.stimulus_increments[jnp.clip(index, 0, self.stimulus_increments.shape[0] - 1)]
         if isinstance(self.noise, CounterBrownianPath):
             dw = self.noise.step_increment(jnp.maximum(index, 0))
@@ -219,15 +257,58 @@ class _JRTerm(diffrax.AbstractTerm):
         return t1 - t0, ds, dw
 
     def prod(self, vf, control):
-        f, stim, noise = vf
+        f, stimulus_gains, noise = vf
         dtau, ds, dw = control
-        out = f * dtau
-        for row, g in zip((3, 4, 5), stim):
-            if g is not None:
-                out = out.at[row].add(g * ds)
-        if noise is not None:
-            out = out.at[4].add(noise * dw)
-        return out
+        out = [row * dtau for row in f]
+        if ds is not None:
+            for k, g in zip((3, 4, 5), stimulus_gains):
+                if g is not None:
+                    out[k] = out[k] + g * ds
+        if dw is not None:
+            out[4] = out[4] + noise * dw
+        return tuple(out)
+
+
+class AdditiveNoiseHeun(diffrax.AbstractStratonovichSolver):
+    """Heun's method for the JR term: predictor ``y + k0``, corrector ``y + (k0 + k1) / 2``.
+
+    The control (stimulus integral and Brownian increment) is drawn once per step and enters both
+    stages, as in ``diffrax.Heun``; with additive noise (on y4 only) Itô and Stratonovich agree.
+    Unlike ``diffrax.Heun`` it carries no embedded error estimate (the steps are fixed) and
+    interpolates linearly between steps (the solves save at step boundaries), which halves the
+    work per step outside the vector field. Strong order 1 for additive noise, weak order 2 for the
+    Order 2 for the ODE and strong order 1 with additive noise (tests/test_solve.py measures
+    both).
+    """
+
+    term_structure: ClassVar = diffrax.AbstractTerm
+    interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
+
+    def order(self, terms):
+        return 2
+
+    def strong_order(self, terms):
+        return 1.0
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        control = terms.contr(t0, t1)
+        k0 = terms.vf_prod(t0, y0, args, control)
+        k1 = terms.vf_prod(t1, jax.tree_util.tree_map(jnp.add, y0, k0), args, control)
+        y1 = jax.tree_util.tree_map(lambda y, a, b: y + 0.5 * (a + b), y0, k0, k1)
+        return y1, None, dict(y0=y0, y1=y1), None, diffrax.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
+    "euler": diffrax.Euler,
+    "heun": AdditiveNoiseHeun,
+    "midpoint": diffrax.Midpoint,
+}
 
 
 def standard_normals(keys: PRNGKeyArray, n: int, dtype) -> Float[Array, "n N"]:
@@ -271,29 +352,48 @@ def integrate(
     ``(n_steps, N)``.
     ``differentiation``: ``"reverse"`` (``jax.grad``; checkpointed) or ``"forward"`` (``jax.jacfwd``).
     """
+    if y0.shape[1] == 1:
+        # XLA compiles a one-trajectory batch as scalar code whose rounding differs from the
+        # vector code of any larger batch (1 ulp in a step, about 1e-5 of an ERP after 1 s): two
+        # copies of the trajectory are solved, so that its result does not depend on the batch.
+        def twice(x):
+            return jnp.concatenate([x, x], axis=-1)
+
+        params = jax.tree_util.tree_map(lambda x: twice(jnp.broadcast_to(x, (1,))), params)
+        if isinstance(increments, CounterBrownianPath):
+            increments = eqx.tree_at(lambda c: (c.k0, c.k1), increments, (twice(increments.k0), twice(increments.k1)))
+        elif increments is not None:
+            increments = twice(increments)
+        return integrate(
+            params, twice(y0), n_steps, save_steps, dt=dt, solver=solver, stimulus=stimulus,
+            onset_step=onset_step, increments=increments, differentiation=differentiation,
+        )[..., :1]
     dtype = y0.dtype
 
-    stim, stim_increments = None, None
+    stim_increments, stimulus_gains = None, (None, None, None)
     if stimulus.amplitude != 0:
-        stim = stimulus
         edges = (np.arange(n_steps + 1) - onset_step) * dt  # float64, exact on the grid
         stim_increments = jnp.asarray(np.diff(stimulus.integral(edges)), dtype)
-    term = _JRTerm(stim, stim_increments, jnp.asarray(dt, dtype), increments)
+        gains = stimulus.gains_per_state(params)
+        stimulus_gains = tuple(g if static != 0 else None for g, static in zip(gains, stimulus.gains))
+    noise = None if increments is None else noise_scale(params)
+    args = (StepCoefficients.from_params(params, dt), stimulus_gains, noise)
+    term = _JRTerm(stim_increments, increments)
     sol = diffrax.diffeqsolve(
         term,
         SOLVERS[solver](),
         t0=0.0,
         t1=float(n_steps),
         dt0=1.0,
-        y0=y0,
-        args=(params,),
+        y0=tuple(y0),
+        args=args,
         saveat=diffrax.SaveAt(ts=jnp.asarray(save_steps, dtype)),
         stepsize_controller=diffrax.ConstantStepSize(),
         max_steps=int(n_steps) + 1,
         throw=False,
         adjoint=_adjoint(differentiation, n_steps),
     )
-    return sol.ys
+    return jnp.stack(sol.ys, axis=1)
 
 
 def state_dtype(params: JRParams):
