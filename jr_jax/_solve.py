@@ -387,13 +387,14 @@ def integrate(
         dt0=1.0,
         y0=tuple(y0),
         args=args,
-        saveat=diffrax.SaveAt(ts=jnp.asarray(save_steps, dtype)),
+        # each saved state is stacked as it is saved: one (6, N) row of the output, written in place
+        saveat=diffrax.SaveAt(ts=jnp.asarray(save_steps, dtype), fn=lambda t, y, args: jnp.stack(y)),
         stepsize_controller=diffrax.ConstantStepSize(),
         max_steps=int(n_steps) + 1,
         throw=False,
         adjoint=_adjoint(differentiation, n_steps),
     )
-    return jnp.stack(sol.ys, axis=1)
+    return sol.ys
 
 
 def state_dtype(params: JRParams):
