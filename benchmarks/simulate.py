@@ -234,7 +234,7 @@ def once(f, *a):
 t = time.perf_counter(); jax.block_until_ready(tvb(cfg)); tvb_first = time.perf_counter() - t
 t = time.perf_counter(); jax.block_until_ready(mine(params, keys)); mine_first = time.perf_counter() - t
 best = dict(tvb=(1e9, 1e9), mine=(1e9, 1e9))
-for _ in range(3):  # interleaved, so both see the same load
+for _ in range(5):  # interleaved, so both see the same load
     for name, f, a in (("tvb", tvb, (cfg,)), ("mine", mine, (params, keys))):
         w = once(f, *a)
         if w[0] < best[name][0]:
@@ -251,13 +251,23 @@ def run_subprocess(code, env_extra=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def tvboptim_rates(n, path):
-    """tvboptim's Heun and jr_jax's, timed interleaved in a subprocess with ``path`` on PYTHONPATH."""
+def _first_core_only():
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def tvboptim_rates(n, path, one_core=False):
+    """tvboptim's Heun and jr_jax's, timed interleaved in a subprocess with ``path`` on PYTHONPATH.
+
+    ``one_core``: the subprocess is pinned to one CPU core, where XLA's thread pool cannot spread
+    either solve's step over the cores (on this 2-core box that spreading makes wall times vary by
+    up to 2x from run to run).
+    """
     if not path:
         return dict(error="not measured: pass --tvboptim-path DIR (where tvboptim is installed; see the docstring)")
     env = {"PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     code = _SUBPROCESS_TVBOPTIM.format(n=n, T=T, DT=DT, steps=STEPS)
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                         preexec_fn=_first_core_only if one_core else None)
     if out.returncode != 0:
         return dict(error="tvboptim could not be run: " + out.stderr.strip().splitlines()[-1][:300])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -313,6 +323,13 @@ def main():
                    cpu=tvb["tvboptim"]["cpu_seconds"], compile_s=tvb["tvboptim"]["compile_s"])
             record(n, "jr_jax.solve SDE (heun), interleaved with tvboptim", tvb["jr_jax"]["seconds"],
                    cpu=tvb["jr_jax"]["cpu_seconds"], compile_s=tvb["jr_jax"]["compile_s"])
+            one = tvboptim_rates(n, args.tvboptim_path, one_core=True)
+            results["sizes"][str(n)]["tvboptim_one_core"] = one
+            if "error" not in one:
+                record(n, "tvboptim Heun, both pinned to one core", one["tvboptim"]["seconds"],
+                       cpu=one["tvboptim"]["cpu_seconds"])
+                record(n, "jr_jax.solve SDE (heun), both pinned to one core", one["jr_jax"]["seconds"],
+                       cpu=one["jr_jax"]["cpu_seconds"])
 
         for solver in ("euler", "heun"):
             ode = jax.jit(lambda p, s=solver: jr_jax.solve(p, TS, dt=DT, solver=s))
@@ -375,11 +392,15 @@ def main():
             simulate_2dev_over_roofline=max(v for k, v in r.items() if "host devices" in k)
             / r["jax.random.normal, same count (roofline)"],
             ode_euler_msteps=r["jr_jax.solve ODE (euler)"],
+            sde_heun_over_ode_heun=heun / r["jr_jax.solve ODE (heun)"],
         )
         tvb = c["tvboptim"]
         if "error" not in tvb:
             ratios[str(n)]["sde_heun_over_tvboptim"] = tvb["tvboptim"]["seconds"] / tvb["jr_jax"]["seconds"]
             ratios[str(n)]["sde_heun_over_tvboptim_cpu"] = tvb["tvboptim"]["cpu_seconds"] / tvb["jr_jax"]["cpu_seconds"]
+        one = c.get("tvboptim_one_core", {})
+        if one and "error" not in one:
+            ratios[str(n)]["sde_heun_over_tvboptim_one_core"] = one["tvboptim"]["seconds"] / one["jr_jax"]["seconds"]
         for k, v in ratios[str(n)].items():
             print(f"N={n:5d}  {k:34s} {v:7.2f}")
         print(f"N={n:5d}  compile time (SDE Euler) {c['compile_s_sde_euler']:.2f} s, (SDE Heun) "

@@ -352,22 +352,6 @@ def integrate(
     ``(n_steps, N)``.
     ``differentiation``: ``"reverse"`` (``jax.grad``; checkpointed) or ``"forward"`` (``jax.jacfwd``).
     """
-    if y0.shape[1] == 1:
-        # XLA compiles a one-trajectory batch as scalar code whose rounding differs from the
-        # vector code of any larger batch (1 ulp in a step, about 1e-5 of an ERP after 1 s): two
-        # copies of the trajectory are solved, so that its result does not depend on the batch.
-        def twice(x):
-            return jnp.concatenate([x, x], axis=-1)
-
-        params = jax.tree_util.tree_map(lambda x: twice(jnp.broadcast_to(x, (1,))), params)
-        if isinstance(increments, CounterBrownianPath):
-            increments = eqx.tree_at(lambda c: (c.k0, c.k1), increments, (twice(increments.k0), twice(increments.k1)))
-        elif increments is not None:
-            increments = twice(increments)
-        return integrate(
-            params, twice(y0), n_steps, save_steps, dt=dt, solver=solver, stimulus=stimulus,
-            onset_step=onset_step, increments=increments, differentiation=differentiation,
-        )[..., :1]
     dtype = y0.dtype
 
     stim_increments, stimulus_gains = None, (None, None, None)

@@ -151,7 +151,9 @@ def test_diverging_sample_is_a_nan_row_and_others_are_untouched():
     params = JRParams(b_e=np.array([100.0, 1000.0, 100.0]), A_e=np.array([3.25, 3.25, 4.0]))
     erp = np.asarray(jr_jax.simulate(params, protocol))
     assert np.all(np.isnan(erp[1])) and np.all(np.isfinite(erp[[0, 2]]))
-    np.testing.assert_allclose(erp[0], np.asarray(jr_jax.simulate(params[0], protocol)), rtol=1e-5, atol=1e-6)
+    # alone, XLA may round a step's sums in another order: the batch-layout tolerance of this module
+    alone = np.asarray(jr_jax.simulate(params[0], protocol))
+    np.testing.assert_allclose(erp[0], alone, rtol=0, atol=1e-4 * np.abs(erp[0]).max())
 
 
 def test_no_recompilation_for_new_parameter_values():
