@@ -408,7 +408,23 @@ def quick_timing(quick: dict) -> str:
 
 def readme_timing(page: Path) -> str:
     quick = json.loads((RESULTS / "reproduce_quick.json").read_text())
-    return "The quick preset (the first command): " + quick_timing(quick)
+    return "The quick preset (the first command): " + quick_timing(quick) + " " + simulator_speed(page)
+
+
+def simulator_speed(page: Path) -> str:
+    """One sentence: the Heun SDE against tvboptim, from ``simulate.json``."""
+    s = json.loads((RESULTS / "simulate.json").read_text())
+    sizes = sorted(s["sizes"], key=int)
+    ratios = s.get("ratios", {})
+    two = [ratios.get(n, {}).get("sde_heun_over_tvboptim") for n in sizes]
+    one = [ratios.get(n, {}).get("sde_heun_over_tvboptim_one_core") for n in sizes]
+    if any(v is None for v in two + one):
+        return ""
+    guide = link("docs/guides/simulation.md", page)
+    return (f"The simulator's Heun SDE (0.1 ms steps, N = {' and '.join(sizes)}) runs "
+            f"{' and '.join(f'{v:.2f}' for v in two)}× as fast as tvboptim's on 2 cores, "
+            f"{' and '.join(f'{v:.2f}' for v in one)}× with both on one core (target 2×, not met; "
+            f"`python benchmarks/simulate.py`, [why]({guide}#performance)).")
 
 
 def readme_result(page: Path) -> str:
