@@ -180,8 +180,9 @@ class StepCoefficients(eqx.Module):
 
     With S_k the logistic function at ``slope_k * v - r v0`` (``slope_3 = r``, v = y1 - y2;
     ``slope_4 = r a_1 C``, ``slope_5 = r a_3 C``, v = y0), the change of y3..y5 over one step is
-    ``rate_k * S_k + mu_k - damp_k * y_k - stiff_k * y_(k-3)`` (``mu_4 = dt A_e b_e mu``, the others
-    0), and of y0..y2 it is ``dt * y3..y5``. Computed once per solve from the parameters (so the
+    ``rates[k] * S_k + mu_k - damping * y_k - stiffness * y_(k-3)`` (``mu_4 = dt A_e b_e mu``, the
+    others 0; damping and stiffness of the excitatory rate b_e for y3, y4 and of b_i for y5), and of
+    y0..y2 it is ``dt * y3..y5``. Computed once per solve from the parameters (so the
     time loop does no parameter arithmetic), differentiably.
     """
 
@@ -276,9 +277,8 @@ class AdditiveNoiseHeun(diffrax.AbstractStratonovichSolver):
     stages, as in ``diffrax.Heun``; with additive noise (on y4 only) Itô and Stratonovich agree.
     Unlike ``diffrax.Heun`` it carries no embedded error estimate (the steps are fixed) and
     interpolates linearly between steps (the solves save at step boundaries), which halves the
-    work per step outside the vector field. Strong order 1 for additive noise, weak order 2 for the
-    Order 2 for the ODE and strong order 1 with additive noise (tests/test_solve.py measures
-    both).
+    work per step outside the vector field. Order 2 for the ODE and strong order 1 with additive
+    noise (tests/test_solve.py measures both).
     """
 
     term_structure: ClassVar = diffrax.AbstractTerm
