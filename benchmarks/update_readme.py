@@ -387,8 +387,11 @@ def quick_timing(quick: dict) -> str:
            "on a normal day)")
     if len(runs) > 1:
         minutes = [r["wall_seconds"] / 60 for r in runs]
-        out += (f"; {len(runs)} runs from {runs[0]['date_utc'][:10]} to {runs[-1]['date_utc'][:10]} took "
-                f"{min(minutes):.1f} to {max(minutes):.1f} min (this shared machine's speed varies from day to day)")
+        first, last = runs[0]["date_utc"][:10], runs[-1]["date_utc"][:10]
+        dates = f"on {first}" if first == last else f"from {first} to {last}"
+        low, high = f"{min(minutes):.1f}", f"{max(minutes):.1f}"
+        took = f"{low} min each" if low == high else f"{low} to {high} min"
+        out += (f"; {len(runs)} runs {dates} took {took} (this shared machine's speed varies from day to day)")
     if earlier and quick.get("sizes"):
         minutes = [r["wall_seconds"] / 60 for r in earlier]
         out += (f"; {len(earlier)} earlier run(s) of other sizes (in `benchmarks/results/reproduce_quick.json`) took "
