@@ -297,7 +297,8 @@ def _prior_sd(space: _Space, prior: Prior) -> np.ndarray:
 
 def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None, estimator=None,
         prior: Prior | None = None, gain="auto", latency="auto", key, n_starts: int | None = None, n_samples: int = 1000,
-        n_screen: int | None = None, n_proposal: int = 2000, max_steps: int = 100, level: float = 0.9, mode_tolerance: float = 3.0,
+        n_screen: int | None = None, n_proposal: int = 2000, max_steps: int = 100, level: float = 0.9,
+        mode_tolerance: float = 3.0,
         khat_threshold: float = 0.7, sampler: str = "auto", smc_particles: int = 1000,
         smc_mcmc_steps: int = 10) -> FitResult:
     """Fit the model to one ERP and return its MAP, posterior draws and checks (module docstring).
@@ -327,8 +328,9 @@ def fit(erp, protocol: Protocol | None = None, *, noise_sd: float | None = None,
       while k-hat <= ``khat_threshold`` but the ESS < 100, up to three more batches of draws come from
       the last proposal (k-hat says the weights are reliable, only too few are effective);
       when k-hat > ``khat_threshold`` or the ESS stays < 100, tempered SMC (``smc_particles``) runs
-      from that last proposal mixed with 10 % of the prior instead (``sampler="auto"``; ``"laplace-importance"`` or ``"smc"``
-      force one, the first warned when its weights fail). ``n_samples`` posterior draws come back.
+      from that last proposal mixed with 10 % of the prior instead (``sampler="auto"``;
+      ``"laplace-importance"`` or ``"smc"`` force one, the first warned when its weights fail).
+      ``n_samples`` posterior draws come back.
     """
     from .eeg._recording import Recording, baseline_noise_sd
 

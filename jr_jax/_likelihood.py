@@ -580,10 +580,11 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     scales' mean (in log) weighted by each particle's acceptance x scale^2, the expected squared
     jump in the covariance's metric (Fearnhead & Taylor 2013), or, when fewer than 10 moves were
     accepted (too few to weigh the scales), down by a factor e^2. The moves at one temperature come
-    in rounds of ``mcmc_steps`` steps; with ``max_move_factor`` > 1, rounds are added (each with the re-centred scales, up to
-    ``max_move_factor`` rounds) until a share ``moved_target`` of the particles has left the point
-    it was resampled at: where the first scales are far off (a proposal much wider than the
-    tempered target), the later rounds still part the copies that resampling made.
+    in rounds of ``mcmc_steps`` steps; with ``max_move_factor`` > 1, rounds are added (each with the
+    re-centred scales, up to ``max_move_factor`` rounds) until a share ``moved_target`` of the
+    particles has left the point it was resampled at: where the first scales are far off (a proposal
+    much wider than the tempered target), the later rounds still part the copies that resampling
+    made.
 
     ``log_q``, ``log_target``: per-particle log densities (``log_target`` may be
     :func:`particle_batched`); ``sample_q(key, n) -> (n, d)``. Returns equally weighted particles
@@ -599,9 +600,10 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     0.1 % on a real recording, its last population 38 distinct points of 500).
 
     ``base_cov`` (``(d, d)``, e.g. a Laplace covariance of the target): added to the particles'
-    covariance, rescaled to the same trace, so that the proposal keeps every direction when the resampled particles are few distinct points
-    (their covariance then has a low rank) while its size stays the particles' (a Laplace
-    covariance from float32 Jacobians can be far wider than the target).
+    covariance, rescaled to the same trace, so that the proposal keeps every direction when the
+    resampled particles are few distinct points (their covariance then has a low rank) while its
+    size stays the particles' (a Laplace covariance from float32 Jacobians can be far wider than the
+    target).
 
     ``final_ess`` counts duplicated particles once: the weights of copies of one point are summed
     before the ESS is taken, so a population resampled down to a few distinct points reports that
@@ -612,9 +614,9 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     ratios ``(z (n, d), ratio (n,)) -> (P_data, P_rest)``, called at each temperature before the
     resampling): a second proposal covariance, ``(beta P_data + P_rest)^-1``, the target's local
     spread at the temperature. Rounds of moves then alternate between the particles' covariance
-    (jumps across the population, between modes) and this one (moves within a mode, where the particles' covariance is far wider than the tempered
-    target), each with its own scale centre. Both kernels are fixed before each round, symmetric
-    and exact for the tempered target.
+    (jumps across the population, between modes) and this one (moves within a mode, where the
+    particles' covariance is far wider than the tempered target), each with its own scale centre.
+    Both kernels are fixed before each round, symmetric and exact for the tempered target.
 
     ``final_rounds``: rounds of moves at the posterior (beta = 1) on the particles resampled after
     the last reweighting, the kernels in turn (``diag['final_acceptance']``); they part the copies

@@ -95,8 +95,9 @@ def drift(
 ) -> Float[Array, "6 *batch"]:
     """dy/dt of the JR model (DESIGN §2) at time ``t`` (s, relative to the stimulus onset).
 
-    The solvers integrate the stimulus separately, exactly over each step (it enters linearly),
-    and call this with ``stimulus=None``.
+    The reference formula: the solvers evaluate the same drift from per-step coefficients
+    (``jr_jax._solve.StepCoefficients``, checked against this function in tests/test_solve.py) and
+    integrate the stimulus separately, exactly over each step (it enters linearly).
     """
     y0, y1, y2, y3, y4, y5 = y
     p = params
