@@ -18,7 +18,7 @@ scored by C2ST against the reference draws (:func:`jr_jax.c2st`, 0.5: indistingu
 the errors of the marginal means (in reference SDs) and SDs (ratio), over the observations whose
 reference converged.
 
-    python benchmarks/posterior.py [--n 12000] [--epochs 12] [--test 1000] [--correct 5]
+    python benchmarks/posterior.py [--n 12000] [--epochs 15] [--schedule cosine] [--test 1000] [--correct 5]
                                    [--reference benchmarks/results/reference_posteriors.npz]
                                    [--correct-reference 5] [--sbi-python /tmp/sbi_venv/bin/python]
 
@@ -36,12 +36,15 @@ import numpy as np
 
 import jr_jax
 from jr_jax._reproduce import _ENCODER
+from jr_jax._train import DEFAULT_POSTERIOR
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=12000, help="training + validation simulations")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--schedule", choices=["cosine", "none"], default="cosine",
+                    help="learning-rate schedule of both trainings (cosine: decays to 0 over --epochs)")
     ap.add_argument("--test", type=int, default=1000, help="held-out simulations for calibration")
     ap.add_argument("--snrs", type=float, nargs="+", default=[30.0, 10.0])
     ap.add_argument("--correct", type=int, default=5, help="observations per SNR for the likelihood correction")
@@ -69,8 +72,10 @@ def main():
     data = jr_jax.TrainingData.from_arrays(tr_theta, tr_erp, names=prior.names, units=prior.units, lows=prior.lows,
                                            highs=prior.highs, fs=protocol.fs, tmin=protocol.tmin, seed=0)
     data.prior, data.protocol = prior.to_dict(), protocol.to_dict()
-    common = dict(snr_db=(0.0, 40.0), encoder=_ENCODER, epochs=args.epochs, patience=args.epochs, progress=False)
+    common = dict(snr_db=(0.0, 40.0), encoder=_ENCODER, epochs=args.epochs, patience=args.epochs, progress=False,
+                  schedule=None if args.schedule == "none" else args.schedule)
     result = dict(n_simulations=int(ok.sum()), n_train=data.n_train, n_test=args.test, epochs=args.epochs,
+                  schedule=args.schedule, posterior_options=DEFAULT_POSTERIOR,
                   simulate_seconds=t_sim, invalid=int((~ok).sum()))
     models = {}
     for kind in ("posterior", "point"):

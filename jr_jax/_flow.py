@@ -54,6 +54,18 @@ def log_to_unbounded(u: Float[Array, "... d"], lows, highs):
     return to_unbounded(t, lows, highs), ldj, inside
 
 
+def noise_feature(x: Float[Array, "B T C"]) -> Float[Array, "B C"]:
+    """``log(SD of the second differences / SD)`` over time, per ERP and channel: a measure of the
+    white measurement noise's level that does not depend on the ERP's scale.
+
+    A smooth ERP's second differences are small (about (2 pi f / fs)^2 of a component at f Hz),
+    while those of white noise of SD sigma have SD sqrt(6) sigma; so the feature falls by about
+    log(10) / 20 per dB of SNR until the ERP's own curvature takes over.
+    """
+    d2 = x[:, 2:] - 2.0 * x[:, 1:-1] + x[:, :-2]
+    return 0.5 * (jnp.log(jnp.var(d2, axis=1) + 1e-12) - jnp.log(jnp.var(x, axis=1) + 1e-12))
+
+
 class PosteriorNet(eqx.Module):
     """A Bi-LSTM embedding of the ERP conditioning a coupling flow with rational-quadratic spline
     transformers (a neural spline flow) over the unbounded parameters ``z`` (dimension ``n_out``).
@@ -66,40 +78,62 @@ class PosteriorNet(eqx.Module):
     ``encoder``: options of :class:`jr_jax._nn.BiLSTM` (its linear head gives the embedding of size
     ``embed_dim``). ``flow_layers``, ``knots``, ``interval`` and ``nn_width`` configure the flow
     (``interval``: the splines act on [-interval, interval] of z and are the identity outside).
+    ``regression_weight`` > 0 adds a linear head from the embedding to the parameters scaled to
+    [0, 1] by the prior box (:meth:`regress`), whose squared error, times this weight, training adds
+    to the flow's negative log-density (see :func:`jr_jax.train`); 0: no head.
+    ``noise_feature``: the flow is also conditioned on :func:`noise_feature` of each channel, a
+    measure of the ERP's measurement-noise level, so that one estimator trained over a range of
+    SNRs knows which SNR an ERP has.
     """
 
     embedding: BiLSTM
     flow: eqx.Module
+    regression_head: eqx.nn.Linear | None
     config: dict = eqx.field(static=True)
 
     def __init__(self, n_channels: int, n_out: int, *, encoder: dict | None = None, embed_dim: int = 32,
                  flow_layers: int = 6, knots: int = 8, interval: float = 6.0, nn_width: int = 64,
-                 key: PRNGKeyArray):
+                 regression_weight: float = 0.0, noise_feature: bool = False, key: PRNGKeyArray):
         for name, value in (("n_out", n_out), ("embed_dim", embed_dim), ("flow_layers", flow_layers),
                             ("knots", knots), ("nn_width", nn_width)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"posterior {name} must be an integer >= 1, got {value!r}")
         if not interval > 0:
             raise ValueError(f"posterior interval must be > 0, got {interval!r}")
+        if isinstance(regression_weight, bool) or not (isinstance(regression_weight, (int, float))
+                                                        and regression_weight >= 0):
+            raise ValueError(f"posterior regression_weight must be a number >= 0, got {regression_weight!r}")
         encoder = dict(encoder or {})
         encoder.pop("kind", None)
         for k in ("n_channels", "n_out"):
             encoder.pop(k, None)
-        k_enc, k_flow = jax.random.split(key)
+        k_enc, k_flow, k_head = jax.random.split(key, 3)
         self.embedding = BiLSTM(n_channels, embed_dim, **encoder, key=k_enc)
+        cond_dim = embed_dim + (n_channels if noise_feature else 0)
         self.flow = coupling_flow(
-            k_flow, base_dist=Normal(jnp.zeros(n_out)), cond_dim=embed_dim,
+            k_flow, base_dist=Normal(jnp.zeros(n_out)), cond_dim=cond_dim,
             transformer=RationalQuadraticSpline(knots=knots, interval=interval),
             flow_layers=flow_layers, nn_width=nn_width)
+        self.regression_head = eqx.nn.Linear(cond_dim, n_out, key=k_head) if regression_weight > 0 else None
         enc_config = {k: v for k, v in self.embedding.config.items() if k not in ("kind", "n_channels", "n_out")}
         self.config = dict(kind="posterior", n_channels=n_channels, n_out=n_out, encoder=enc_config,
                            embed_dim=embed_dim, flow_layers=flow_layers, knots=knots, interval=float(interval),
-                           nn_width=nn_width)
+                           nn_width=nn_width, regression_weight=float(regression_weight),
+                           noise_feature=bool(noise_feature))
 
     def embed(self, x: Float[Array, "B T C"], *, keys: PRNGKeyArray | None = None,
               inference: bool = False) -> Float[Array, "B E"]:
-        """Embeddings of a batch of scaled ERPs (one per ERP, whatever the number of draws)."""
-        return self.embedding.batch(x, keys=keys, inference=inference)
+        """Embeddings of a batch of scaled ERPs (one per ERP, whatever the number of draws): the
+        encoder's output, then (with ``noise_feature``) :func:`noise_feature` of each channel."""
+        emb = self.embedding.batch(x, keys=keys, inference=inference)
+        if self.config.get("noise_feature"):
+            emb = jnp.concatenate([emb, noise_feature(x)], axis=-1)
+        return emb
+
+    def regress(self, embedding: Float[Array, "B E"]) -> Float[Array, "B d"]:
+        """The regression head's parameters scaled to [0, 1] by the prior box (training's auxiliary
+        target; needs ``regression_weight > 0``)."""
+        return jax.vmap(self.regression_head)(embedding)
 
     def log_prob_z(self, z: Float[Array, "B d"], embedding: Float[Array, "B E"]) -> Float[Array, " B"]:
         """Flow log-density of ``z`` given each row's embedding (in z, without the Jacobian)."""

@@ -96,7 +96,8 @@ def _train(args: argparse.Namespace) -> int:
             shutil.rmtree(ckpt)  # --force starts the training afresh
         posterior = None
         if args.kind == "posterior":
-            posterior = dict(embed_dim=args.embed_dim, flow_layers=args.flow_layers, knots=args.knots)
+            posterior = dict(embed_dim=args.embed_dim, flow_layers=args.flow_layers, knots=args.knots,
+                             noise_feature=args.noise_feature, regression_weight=args.regression_weight)
         est, history = train(ds, kind=args.kind, posterior=posterior, snr_db=snr, encoder=encoder, epochs=args.epochs,
                              batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
                              schedule=args.schedule, seed=args.seed, checkpoint_dir=ckpt)
@@ -570,6 +571,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--embed-dim", type=int, default=32, help="posterior: size of the ERP embedding")
     t.add_argument("--flow-layers", type=int, default=6, help="posterior: coupling spline layers")
     t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
+    t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=True,
+                   help="posterior: condition the flow on each ERP's measured noise level as well")
+    t.add_argument("--regression-weight", type=float, default=10.0, help="posterior: weight of the squared error "
+                   "of a linear head from the embedding to the parameters, added to the training loss (0: none)")
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
                    "(default: inf, clean ERPs)")

@@ -55,10 +55,10 @@ def test_the_compilation_cache_folder_follows_the_environment(tmp_path):
 
 
 def test_jr_jax_train_defaults_to_the_library_encoder():
-    """``jr-jax train`` without encoder options trains what ``jr_jax.train`` trains without them
-    (and what the reproduce presets train): one default, not two."""
+    """``jr-jax train`` without encoder or posterior options trains what ``jr_jax.train`` trains
+    without them (and what the reproduce presets train): one default, not two."""
     from jr_jax._reproduce import PRESETS
-    from jr_jax._train import DEFAULT_ENCODER
+    from jr_jax._train import DEFAULT_ENCODER, DEFAULT_POSTERIOR
     from jr_jax.cli import _parser
 
     args = _parser().parse_args(["train", "data.zarr"])
@@ -66,6 +66,8 @@ def test_jr_jax_train_defaults_to_the_library_encoder():
                conv_kernel=args.conv_kernel, conv_stride=args.conv_stride)
     assert cli == DEFAULT_ENCODER
     assert PRESETS["quick"].encoder == DEFAULT_ENCODER and PRESETS["study"].encoder == DEFAULT_ENCODER
+    posterior = dict(noise_feature=args.noise_feature, regression_weight=args.regression_weight)
+    assert posterior == DEFAULT_POSTERIOR
 
 
 def test_the_installed_command_simulates_on_every_core(tmp_path):

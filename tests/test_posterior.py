@@ -2,6 +2,7 @@
 likelihood and prior against SciPy, PSIS against known Pareto tails, the likelihood correction
 against a grid posterior, and the calibration diagnostics against exact posteriors."""
 
+import json
 import math
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 import scipy.stats as st
 
 import jr_jax
-from jr_jax._flow import PosteriorNet, from_unbounded, log_jacobian, to_unbounded
+from jr_jax._flow import PosteriorNet, from_unbounded, log_jacobian, noise_feature, to_unbounded
 
 # the module fixtures are built once: every test here runs on the same xdist worker
 pytestmark = pytest.mark.xdist_group("posterior")
@@ -49,6 +50,36 @@ def observation():
     mean = w @ grid
     sd = np.sqrt(w @ (grid - mean) ** 2)
     return x, mean, sd
+
+
+def test_noise_feature_of_white_noise_and_of_a_sinusoid():
+    """Analytic values: white noise has var(second differences) = 6 var, so the feature is
+    log(6) / 2 (tolerance 0.02: 20 000 samples give the variance ratio to about 1 %); a noise-free
+    sinusoid of frequency f sampled at fs has second differences -4 sin^2(pi f / fs) times itself, so
+    the feature is log(4 sin^2(pi f / fs)) up to the two lost end samples and the window (2e-3)."""
+    noise = jax.random.normal(jax.random.key(0), (2, 20_000, 3))
+    np.testing.assert_allclose(noise_feature(noise), 0.5 * np.log(6.0), atol=0.02)
+    fs, f = 1000.0, 7.0
+    t = np.arange(4001) / fs
+    x = np.sin(2 * np.pi * f * t)[None, :, None]
+    np.testing.assert_allclose(noise_feature(jnp.asarray(x)), np.log(4 * np.sin(np.pi * f / fs) ** 2), atol=2e-3)
+    # scale-free: the same for the signal in volts or in mV
+    np.testing.assert_allclose(noise_feature(jnp.asarray(1e3 * x)), noise_feature(jnp.asarray(x)), atol=1e-5)
+
+
+def test_estimators_saved_before_the_noise_feature_and_regression_head_still_load(tmp_path):
+    """A manifest without ``noise_feature`` / ``regression_weight`` (estimators saved before they
+    existed) builds the architecture it was saved with, so the weights load and draw as before."""
+    est = _untrained_estimator()
+    assert est.encoder.regression_head is None and not est.encoder.config["noise_feature"]
+    est.save(tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    for k in ("noise_feature", "regression_weight"):
+        del manifest["encoder"][k]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    back = jr_jax.Estimator.load(tmp_path / "old")
+    erp = np.sin(np.linspace(0, 6, 41)).astype(np.float32)
+    np.testing.assert_array_equal(back.sample(erp, 20, key=jax.random.key(0)), est.sample(erp, 20, key=jax.random.key(0)))
 
 
 def test_logit_map_and_its_jacobian():
