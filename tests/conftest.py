@@ -48,14 +48,6 @@ def pytest_unconfigure(config):
         del os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker more than the cores. Much of this suite's time is XLA compiling,
-    which runs on one thread, so a third worker on two cores keeps both busy while another compiles
-    (``--maxprocesses`` in pyproject.toml caps the count)."""
-    return (os.cpu_count() or 1) + 1
-
-
 _GROUP_MARK = re.compile(r"^pytestmark = pytest\.mark\.xdist_group\(", re.MULTILINE)
 
 
