@@ -5,8 +5,9 @@ correction on a few observations (k-hat, ESS, the sampler it needed, wall time).
 Design: the study's truncated-normal prior over its nine parameters, its stimulus, noise-free
 dynamics (sigma = 0, so one trial is the ERP and the likelihood is exact), white measurement noise
 drawn per batch with SNR uniform in [snr_low, snr_high] dB for training and fixed per test SNR.
-Both estimators use the quick preset's encoder (the Bi-LSTM behind a strided convolution) and the
-same data, epochs and seed.
+Both estimators use the quick preset's encoder and the
+same data, epochs and seed; the NPE has the noise feature and a regression head of weight 10
+(jr_jax.train's posterior options, off by default; --no-noise-feature, --regression-weight).
 
 Against reference posteriors (``--reference``, made by ``benchmarks/reference_posteriors.py`` on this
 problem): for each reference observation, 1000 draws of jr_jax's NPE, of the NPE corrected by the
@@ -18,7 +19,8 @@ scored by C2ST against the reference draws (:func:`jr_jax.c2st`, 0.5: indistingu
 the errors of the marginal means (in reference SDs) and SDs (ratio), over the observations whose
 reference converged.
 
-    python benchmarks/posterior.py [--n 12000] [--epochs 15] [--schedule cosine] [--test 1000] [--correct 5]
+    python benchmarks/posterior.py [--n 12000] [--epochs 15] [--schedule cosine] [--regression-weight 10]
+                                   [--no-noise-feature] [--test 1000] [--correct 5]
                                    [--reference benchmarks/results/reference_posteriors.npz]
                                    [--correct-reference 5] [--sbi-python /tmp/sbi_venv/bin/python]
 
@@ -36,7 +38,6 @@ import numpy as np
 
 import jr_jax
 from jr_jax._reproduce import _ENCODER
-from jr_jax._train import DEFAULT_POSTERIOR
 
 
 def main():
@@ -46,6 +47,9 @@ def main():
     ap.add_argument("--schedule", choices=["cosine", "none"], default="cosine",
                     help="learning-rate schedule of both trainings (cosine: decays to 0 over --epochs)")
     ap.add_argument("--test", type=int, default=1000, help="held-out simulations for calibration")
+    ap.add_argument("--regression-weight", type=float, default=10.0,
+                    help="the NPE's regression head weight (jr_jax.train's posterior option; 0: no head)")
+    ap.add_argument("--no-noise-feature", action="store_true", help="the NPE without the noise feature")
     ap.add_argument("--snrs", type=float, nargs="+", default=[30.0, 10.0])
     ap.add_argument("--correct", type=int, default=5, help="observations per SNR for the likelihood correction")
     ap.add_argument("--out", default="benchmarks/results")
@@ -74,13 +78,15 @@ def main():
     data.prior, data.protocol = prior.to_dict(), protocol.to_dict()
     common = dict(snr_db=(0.0, 40.0), encoder=_ENCODER, epochs=args.epochs, patience=args.epochs, progress=False,
                   schedule=None if args.schedule == "none" else args.schedule)
+    posterior_options = dict(noise_feature=not args.no_noise_feature, regression_weight=args.regression_weight)
     result = dict(n_simulations=int(ok.sum()), n_train=data.n_train, n_test=args.test, epochs=args.epochs,
-                  schedule=args.schedule, posterior_options=DEFAULT_POSTERIOR,
+                  schedule=args.schedule, posterior_options=posterior_options,
                   simulate_seconds=t_sim, invalid=int((~ok).sum()))
     models = {}
     for kind in ("posterior", "point"):
         t0 = time.perf_counter()
-        models[kind], history = jr_jax.train(data, kind=kind, **common)
+        models[kind], history = jr_jax.train(data, kind=kind, **common,
+                                             **(dict(posterior=posterior_options) if kind == "posterior" else {}))
         result[f"{kind}_train_seconds"] = time.perf_counter() - t0
         result[f"{kind}_val_loss"] = [h["val_loss"] for h in history]
         print(f"{kind}: {result[f'{kind}_train_seconds']:.0f} s, val loss {history[-1]['val_loss']:.4f}", flush=True)

@@ -107,7 +107,8 @@ class PosteriorNet(eqx.Module):
         encoder.pop("kind", None)
         for k in ("n_channels", "n_out"):
             encoder.pop(k, None)
-        k_enc, k_flow, k_head = jax.random.split(key, 3)
+        k_enc, k_flow = jax.random.split(key)
+        k_head = jax.random.fold_in(key, 1)  # apart from the split, so that networks without a head start as before
         self.embedding = BiLSTM(n_channels, embed_dim, **encoder, key=k_enc)
         cond_dim = embed_dim + (n_channels if noise_feature else 0)
         self.flow = coupling_flow(

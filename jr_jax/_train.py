@@ -248,16 +248,15 @@ DEFAULT_ENCODER = dict(hidden=64, layers=1, dropout=0.1, conv_channels=32, conv_
 
 
 #: train()'s posterior options unless ``posterior`` replaces them (the others: the defaults of
-#: :class:`jr_jax._flow.PosteriorNet`). The noise feature tells the flow each ERP's noise level, which
-#: an estimator trained over a range of SNRs must otherwise read from its embedding; the regression
-#: head's squared error makes the embedding carry each parameter's mean sooner than the flow's
-#: density alone. Chosen on the posterior benchmark's problem (10^4 simulations of the study's prior,
-#: SNR 0-40 dB; runs in ``benchmarks/results/posterior_options.jsonl``): 15 epochs with both gave a
-#: calibration error <= 0.024 at 30 and 10 dB and SBC failures on 0 and 1 of 13 quantities, against
-#: 3 and 4 for 12 epochs without them. Weight 50, or 30 epochs, raised the posterior mean's R² of
-#: b_e and b_i to the point regressor's but left b_i's posterior too wide at 30 dB (calibration
-#: error 0.06-0.15).
-DEFAULT_POSTERIOR = dict(noise_feature=True, regression_weight=10.0)
+#: :class:`jr_jax._flow.PosteriorNet`). The noise feature and the regression head are off by default.
+#: On the posterior benchmark's problem (10^4 noise-free simulations of the study's prior, SNR 0-40
+#: dB; ``benchmarks/posterior_options.py``, runs in ``benchmarks/results/posterior_options.jsonl``)
+#: the two together (weight 10, 15 epochs) took the SBC failures from 3 and 4 of 13 quantities at 30
+#: and 10 dB to 0 and 1. On the quick preset's data (trial averages with intrinsic noise, 10 epochs)
+#: they made b_i's posterior overconfident: calibration error 0.058 at 50 dB (outside the training
+#: SNRs) against 0.023 without them, and SBC failures on b_i at 50, 10 and 0 dB. Pass
+#: ``posterior=dict(noise_feature=True, regression_weight=10.0)`` to use them.
+DEFAULT_POSTERIOR = dict(noise_feature=False, regression_weight=0.0)
 
 
 def train(

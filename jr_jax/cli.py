@@ -571,9 +571,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--embed-dim", type=int, default=32, help="posterior: size of the ERP embedding")
     t.add_argument("--flow-layers", type=int, default=6, help="posterior: coupling spline layers")
     t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
-    t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=True,
+    t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=False,
                    help="posterior: condition the flow on each ERP's measured noise level as well")
-    t.add_argument("--regression-weight", type=float, default=10.0, help="posterior: weight of the squared error "
+    t.add_argument("--regression-weight", type=float, default=0.0, help="posterior: weight of the squared error "
                    "of a linear head from the embedding to the parameters, added to the training loss (0: none)")
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "

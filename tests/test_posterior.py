@@ -26,12 +26,10 @@ SNR = 10.0
 @pytest.fixture(scope="module")
 def toy_posterior():
     """A posterior estimator trained briefly on the toy problem (an imperfect NPE on purpose: the
-    likelihood correction must repair it). Without the noise feature and the regression head: in 80
-    batches the head's loss takes from the flow's training, and the forced importance sampling of
-    the predictive check below then starts from draws too poor to correct."""
+    likelihood correction must repair it)."""
     data = jr_jax.TrainingData.on_the_fly(PRIOR, PROTOCOL, key=jax.random.key(0), n_val=128, batches_per_epoch=20)
     est, history = jr_jax.train(data, snr_db=(0.0, 10.0), encoder=dict(hidden=8, conv_channels=0),
-                                posterior=dict(flow_layers=3, noise_feature=False, regression_weight=0.0),
+                                posterior=dict(flow_layers=3),
                                 epochs=4, batch_size=64, progress=False)
     return est, history
 
