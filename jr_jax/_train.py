@@ -251,11 +251,12 @@ DEFAULT_ENCODER = dict(hidden=64, layers=1, dropout=0.1, conv_channels=32, conv_
 #: :class:`jr_jax._flow.PosteriorNet`). The noise feature and the regression head are off by default.
 #: On the posterior benchmark's problem (10^4 noise-free simulations of the study's prior, SNR 0-40
 #: dB; ``benchmarks/posterior_options.py``, runs in ``benchmarks/results/posterior_options.jsonl``)
-#: the two together (weight 10, 15 epochs) took the SBC failures from 3 and 4 of 13 quantities at 30
-#: and 10 dB to 0 and 1. On the quick preset's data (trial averages with intrinsic noise, 10 epochs)
-#: they made b_i's posterior overconfident: calibration error 0.058 at 50 dB (outside the training
-#: SNRs) against 0.023 without them, and SBC failures on b_i at 50, 10 and 0 dB. Pass
-#: ``posterior=dict(noise_feature=True, regression_weight=10.0)`` to use them.
+#: the two together (weight 10, 15 epochs, cosine schedule) gave SBC failures on 0 and 1 of 13
+#: quantities at 30 and 10 dB (without them: 3 and 4 after 12 epochs at a constant rate, 2 and 0
+#: after 30 epochs with the cosine schedule). On the quick preset's data (trial averages with
+#: intrinsic noise, 10 epochs) they made b_i's posterior overconfident: calibration error 0.058 at
+#: 50 dB (outside the training SNRs) against 0.023 without them, and SBC failures on b_i at 50, 10
+#: and 0 dB. Pass ``posterior=dict(noise_feature=True, regression_weight=10.0)`` to use them.
 DEFAULT_POSTERIOR = dict(noise_feature=False, regression_weight=0.0)
 
 
@@ -285,11 +286,11 @@ def train(
       ``posterior``: ``embed_dim``, ``flow_layers``, ``knots``, ``interval``, ``nn_width``,
       ``noise_feature``, ``regression_weight``, see :class:`jr_jax._flow.PosteriorNet`; each
       replaces that of :data:`DEFAULT_POSTERIOR`) models the parameters in the logit of the prior
-      box, trained end to end on the negative log posterior density, plus ``regression_weight``
-      times the squared error of a linear head from the embedding to the scaled parameters. It is the default because the JR
-      parameters are largely sloppy (only the products C a_k enter the model, and most other
-      directions are weakly determined at realistic SNR): a posterior says which numbers the data
-      determine, a point estimate does not. The estimator's :meth:`~Estimator.sample` and
+      box, trained end to end on the negative log posterior density (plus ``regression_weight``
+      times the squared error of a linear head from the embedding to the scaled parameters). It is
+      the default because the JR parameters are largely sloppy (only the products C a_k enter the
+      model, and most other directions are weakly determined at realistic SNR): a posterior says
+      which numbers the data determine, a point estimate does not. The estimator's :meth:`~Estimator.sample` and
       :meth:`~Estimator.posterior` give draws and intervals; ``predict`` the posterior mean.
     - ``kind="point"``: the study's regressor, MSE on the targets scaled by the prior bounds.
     - ``data``: a :class:`TrainingData` or a :class:`Dataset` (its stored split is used).
