@@ -7,10 +7,11 @@ for training. One run trains one NPE with the options given as JSON (``--encoder
 time, the validation losses, C2ST, marginal mean error (reference SDs) and SD ratio against the
 reference posteriors (converged observations only), and per test SNR (30 and 10 dB) each
 quantity's calibration error, SBC uniformity p-value, z-score mean and SD, 90 % coverage and the
-posterior mean's R². Used to choose jr_jax._train.DEFAULT_POSTERIOR: the runs of that choice are the
-lines of benchmarks/results/posterior_options.jsonl. They ran before DEFAULT_POSTERIOR existed, so
-an option their ``--posterior`` omits had PosteriorNet's own default (``noise_feature`` false,
-``regression_weight`` 0); each line now records the options in effect (``posterior_options``).
+posterior mean's R². The runs that chose posterior.py's options (noise feature, regression
+weight 10, 15 epochs, cosine) and left them off by default in jr_jax.train are the lines of
+benchmarks/results/posterior_options.jsonl; ``posterior_options`` in each line gives the noise
+feature and regression weight in effect. Those runs split the network's key in three (encoder,
+flow, head); the network now derives the head's key apart, so a rerun starts from other weights.
 
     python benchmarks/posterior_options.py --tag NAME [--epochs 12] [--encoder JSON] [--posterior JSON]
                                            [--train JSON] [--no-cal]
@@ -19,8 +20,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+
 import jax
 import numpy as np
+
 import jr_jax
 from jr_jax._reproduce import _ENCODER
 from jr_jax._train import add_noise_batch
@@ -61,7 +64,9 @@ npe, hist = jr_jax.train(data, kind="posterior", snr_db=(0.0, 40.0), encoder=enc
                          patience=args.epochs, progress=False, posterior=json.loads(args.posterior) or None,
                          **json.loads(args.train))
 t_train = time.perf_counter() - t0
-res = dict(tag=args.tag, args=vars(args), posterior_options=npe.encoder.config, train_seconds=t_train, val=[round(h["val_loss"], 3) for h in hist])
+options = {k: npe.encoder.config[k] for k in ("noise_feature", "regression_weight")}
+res = dict(tag=args.tag, args=vars(args), posterior_options=options, train_seconds=t_train,
+           val=[round(h["val_loss"], 3) for h in hist])
 print(args.tag, "train", round(t_train), "s val", res["val"], flush=True)
 
 ref = np.load("benchmarks/results/reference_posteriors.npz")
@@ -87,7 +92,9 @@ if not args.no_cal:
         cal = jr_jax.calibrate(npe, te_theta, noisy, key=jax.random.fold_in(k, 1), snr_db=None)
         rows = cal.rows()
         res[f"cal_{snr:g}"] = {r["parameter"]: dict(ce=round(r["calibration_error"], 3), p=float(f"{r['sbc_pvalue']:.2g}"),
-                                                    r2=round(r.get("r2", float("nan")), 3), z=(round(r["z_mean"],2), round(r["z_sd"],2)), cov90=r["coverage_90"]) for r in rows}
+                                                    r2=round(r.get("r2", float("nan")), 3),
+                                                    z=(round(r["z_mean"], 2), round(r["z_sd"], 2)),
+                                                    cov90=r["coverage_90"]) for r in rows}
         worst = max(r["calibration_error"] for r in rows)
         fails = [r["parameter"] for r in rows if r["sbc_pvalue"] < 0.01]
         print(args.tag, f"{snr:g} dB worst cal err {worst:.3f}, SBC fails {fails}, R2",
