@@ -5,7 +5,7 @@ correction on a few observations (k-hat, ESS, the sampler it needed, wall time).
 Design: the study's truncated-normal prior over its nine parameters, its stimulus, noise-free
 dynamics (sigma = 0, so one trial is the ERP and the likelihood is exact), white measurement noise
 drawn per batch with SNR uniform in [snr_low, snr_high] dB for training and fixed per test SNR.
-Both estimators use the quick preset's encoder and the
+Both estimators use the quick preset's encoder (the Bi-LSTM behind a strided convolution) and the
 same data, epochs and seed; the NPE has the noise feature and a regression head of weight 10
 (jr_jax.train's posterior options, off by default; --no-noise-feature, --regression-weight).
 
@@ -85,8 +85,8 @@ def main():
     models = {}
     for kind in ("posterior", "point"):
         t0 = time.perf_counter()
-        models[kind], history = jr_jax.train(data, kind=kind, **common,
-                                             **(dict(posterior=posterior_options) if kind == "posterior" else {}))
+        options = posterior_options if kind == "posterior" else None
+        models[kind], history = jr_jax.train(data, kind=kind, posterior=options, **common)
         result[f"{kind}_train_seconds"] = time.perf_counter() - t0
         result[f"{kind}_val_loss"] = [h["val_loss"] for h in history]
         print(f"{kind}: {result[f'{kind}_train_seconds']:.0f} s, val loss {history[-1]['val_loss']:.4f}", flush=True)

@@ -127,7 +127,7 @@ class PosteriorNet(eqx.Module):
         """Embeddings of a batch of scaled ERPs (one per ERP, whatever the number of draws): the
         encoder's output, then (with ``noise_feature``) :func:`noise_feature` of each channel."""
         emb = self.embedding.batch(x, keys=keys, inference=inference)
-        if self.config.get("noise_feature"):
+        if self.config["noise_feature"]:
             emb = jnp.concatenate([emb, noise_feature(x)], axis=-1)
         return emb
 

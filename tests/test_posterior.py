@@ -67,19 +67,34 @@ def test_noise_feature_of_white_noise_and_of_a_sinusoid():
     np.testing.assert_allclose(noise_feature(jnp.asarray(1e3 * x)), noise_feature(jnp.asarray(x)), atol=1e-5)
 
 
+def _assert_reload_draws_the_same(est, folder, drop_keys=()):
+    """Save ``est``, delete ``drop_keys`` from its manifest's encoder config, load it: the draws of
+    one ERP are the same bit for bit."""
+    est.save(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for k in drop_keys:
+        del manifest["encoder"][k]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    back = jr_jax.Estimator.load(folder)
+    erp = np.sin(np.linspace(0, 6, 41)).astype(np.float32)
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(back.sample(erp, 20, key=key), est.sample(erp, 20, key=key))
+
+
 def test_estimators_saved_before_the_noise_feature_and_regression_head_still_load(tmp_path):
     """A manifest without ``noise_feature`` / ``regression_weight`` (estimators saved before they
     existed) builds the architecture it was saved with, so the weights load and draw as before."""
     est = _untrained_estimator()
     assert est.encoder.regression_head is None and not est.encoder.config["noise_feature"]
-    est.save(tmp_path / "old")
-    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
-    for k in ("noise_feature", "regression_weight"):
-        del manifest["encoder"][k]
-    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
-    back = jr_jax.Estimator.load(tmp_path / "old")
-    erp = np.sin(np.linspace(0, 6, 41)).astype(np.float32)
-    np.testing.assert_array_equal(back.sample(erp, 20, key=jax.random.key(0)), est.sample(erp, 20, key=jax.random.key(0)))
+    _assert_reload_draws_the_same(est, tmp_path / "old", drop_keys=("noise_feature", "regression_weight"))
+
+
+def test_estimator_with_the_noise_feature_and_regression_head_saves_and_loads(tmp_path):
+    """The manifest's config rebuilds the flow's wider condition (embedding + noise feature) and the
+    head, so the weights load and the draws are the same bit for bit."""
+    est = _untrained_estimator(noise_feature=True, regression_weight=10.0)
+    assert est.encoder.regression_head is not None
+    _assert_reload_draws_the_same(est, tmp_path / "m")
 
 
 def test_logit_map_and_its_jacobian():
@@ -92,9 +107,9 @@ def test_logit_map_and_its_jacobian():
     np.testing.assert_allclose(log_jacobian(z, lows, highs), jnp.log(jnp.abs(jnp.linalg.det(jac))), rtol=1e-5)
 
 
-def _untrained_estimator(n_times=41):
+def _untrained_estimator(n_times=41, **options):
     net = PosteriorNet(1, 2, encoder=dict(hidden=8), embed_dim=4, flow_layers=2, knots=4, nn_width=16,
-                       key=jax.random.key(3))
+                       key=jax.random.key(3), **options)
     manifest = dict(kind="posterior", encoder=net.config, names=["b_e", "b_i"], units=["1/s", "1/s"],
                     lows=[50.0, 25.0], highs=[150.0, 75.0], fs=100.0, tmin=0.0, tmax=(n_times - 1) / 100.0,
                     n_times=n_times, n_channels=1, n_trials=1, baseline=False, rms_range_mv=[0.1, 100.0])
