@@ -7,7 +7,8 @@ dynamics (sigma = 0, so one trial is the ERP and the likelihood is exact), white
 drawn per batch with SNR uniform in [snr_low, snr_high] dB for training and fixed per test SNR.
 Both estimators use the quick preset's encoder (the Bi-LSTM behind a strided convolution) and the
 same data, epochs and seed; the NPE has the noise feature and a regression head of weight 10
-(jr_jax.train's posterior options, off by default; --no-noise-feature, --regression-weight).
+(jr_jax.train's posterior options, off by default; --no-noise-feature, --regression-weight), or
+with ``--frozen-embedding`` the point regressor's network as its frozen embedding.
 
 Against reference posteriors (``--reference``, made by ``benchmarks/reference_posteriors.py`` on this
 problem): for each reference observation, 1000 draws of jr_jax's NPE, of the NPE corrected by the
@@ -20,11 +21,13 @@ the errors of the marginal means (in reference SDs) and SDs (ratio), over the ob
 reference converged.
 
     python benchmarks/posterior.py [--n 12000] [--epochs 15] [--schedule cosine] [--regression-weight 10]
-                                   [--no-noise-feature] [--test 1000] [--correct 5]
+                                   [--no-noise-feature] [--frozen-embedding] [--test 1000] [--correct 5]
                                    [--reference benchmarks/results/reference_posteriors.npz]
                                    [--correct-reference 5] [--sbi-python /tmp/sbi_venv/bin/python]
+                                   [--name posterior]
 
-Writes benchmarks/results/posterior.json and posterior_calibration_<snr>dB.png.
+Writes benchmarks/results/NAME.json and NAME_calibration_<snr>dB.png: ``posterior`` for the budget of
+10^4 simulations, ``posterior_50000`` for 5 * 10^4 (``--n 50000``).
 """
 
 import argparse
@@ -50,9 +53,14 @@ def main():
     ap.add_argument("--regression-weight", type=float, default=10.0,
                     help="the NPE's regression head weight (jr_jax.train's posterior option; 0: no head)")
     ap.add_argument("--no-noise-feature", action="store_true", help="the NPE without the noise feature")
+    ap.add_argument("--frozen-embedding", action="store_true",
+                    help="train the NPE's flow on the point regressor's frozen estimates (jr_jax.train's embedding=; "
+                         "no regression head); its training seconds then count the regressor's too")
     ap.add_argument("--snrs", type=float, nargs="+", default=[30.0, 10.0])
     ap.add_argument("--correct", type=int, default=5, help="observations per SNR for the likelihood correction")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="posterior",
+                    help="results are written to OUT/NAME.json and OUT/NAME_calibration_<snr>dB.png (one name per budget)")
     ap.add_argument("--reference", default=None, help="reference posteriors (.npz of benchmarks/reference_posteriors.py)")
     ap.add_argument("--correct-reference", type=int, default=5,
                     help="reference observations per SNR that get the likelihood correction")
@@ -78,16 +86,25 @@ def main():
     data.prior, data.protocol = prior.to_dict(), protocol.to_dict()
     common = dict(snr_db=(0.0, 40.0), encoder=_ENCODER, epochs=args.epochs, patience=args.epochs, progress=False,
                   schedule=None if args.schedule == "none" else args.schedule)
-    posterior_options = dict(noise_feature=not args.no_noise_feature, regression_weight=args.regression_weight)
+    posterior_options = dict(noise_feature=not args.no_noise_feature,
+                             regression_weight=0.0 if args.frozen_embedding else args.regression_weight)
     result = dict(n_simulations=int(ok.sum()), n_train=data.n_train, n_test=args.test, epochs=args.epochs,
-                  schedule=args.schedule, posterior_options=posterior_options,
+                  schedule=args.schedule, posterior_options=posterior_options, frozen_embedding=args.frozen_embedding,
                   simulate_seconds=t_sim, invalid=int((~ok).sum()))
     models = {}
-    for kind in ("posterior", "point"):
+    for kind in ("point", "posterior") if args.frozen_embedding else ("posterior", "point"):
         t0 = time.perf_counter()
-        options = posterior_options if kind == "posterior" else None
-        models[kind], history = jr_jax.train(data, kind=kind, posterior=options, **common)
+        if kind == "point":
+            models[kind], history = jr_jax.train(data, kind=kind, **common)
+        elif args.frozen_embedding:
+            models[kind], history = jr_jax.train(data, kind=kind, posterior=posterior_options,
+                                                 embedding=models["point"], **dict(common, encoder=None))
+        else:
+            models[kind], history = jr_jax.train(data, kind=kind, posterior=posterior_options, **common)
         result[f"{kind}_train_seconds"] = time.perf_counter() - t0
+        if kind == "posterior" and args.frozen_embedding:
+            result["flow_train_seconds"] = result["posterior_train_seconds"]
+            result["posterior_train_seconds"] += result["point_train_seconds"]
         result[f"{kind}_val_loss"] = [h["val_loss"] for h in history]
         print(f"{kind}: {result[f'{kind}_train_seconds']:.0f} s, val loss {history[-1]['val_loss']:.4f}", flush=True)
     npe, point = models["posterior"], models["point"]
@@ -102,7 +119,7 @@ def main():
         cal = jr_jax.calibrate(npe, te_theta, noisy, key=jax.random.fold_in(k, 1), snr_db=None)
         t_cal = time.perf_counter() - t0
         cal = dataclasses.replace(cal, snr_db=snr)  # the noise was added above, shared with the regressor
-        cal.plot(out / f"posterior_calibration_{snr:g}dB.png")
+        cal.plot(out / f"{args.name}_calibration_{snr:g}dB.png")
         point_metrics = jr_jax.parameter_metrics(te_theta, point.predict_array(noisy), npe.lows, npe.highs)
         rows = cal.rows()
         for r in rows:
@@ -127,8 +144,8 @@ def main():
         result["snr"][f"{snr:g}"] = entry
     if args.reference:
         result["reference"] = against_references(args, npe, prior, protocol, tr_theta, tr_erp, key, out)
-    (out / "posterior.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(f"wrote {out / 'posterior.json'}")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(f"wrote {out / (args.name + '.json')}")
 
 
 def marginal_errors(draws, ref):
