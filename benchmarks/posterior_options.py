@@ -14,7 +14,7 @@ feature and regression weight in effect. Those runs split the network's key in t
 flow, head); the network now derives the head's key apart, so a rerun starts from other weights.
 
     python benchmarks/posterior_options.py --tag NAME [--epochs 12] [--encoder JSON] [--posterior JSON]
-                                           [--train JSON] [--no-cal]
+                                           [--train JSON] [--no-cal] [--embedding-epochs N]
 """
 import argparse
 import json
@@ -36,6 +36,9 @@ ap.add_argument("--encoder", default="{}")
 ap.add_argument("--posterior", default="{}")
 ap.add_argument("--train", default="{}")
 ap.add_argument("--tag", default="x")
+ap.add_argument("--embedding-epochs", type=int, default=0,
+                help="first train a point regressor this many epochs (same encoder, data and --train options) "
+                     "and train the NPE's flow on its frozen estimates (jr_jax.train's embedding=); 0: end to end")
 ap.add_argument("--no-cal", action="store_true", help="skip the calibration on the held-out set")
 ap.add_argument("--out", default="benchmarks/results/posterior_options.jsonl")
 ap.add_argument("--cache", default=None, help="an .npz to keep the simulations in between runs")
@@ -59,14 +62,21 @@ data = jr_jax.TrainingData.from_arrays(tr_theta, tr_erp, names=prior.names, unit
                                        highs=prior.highs, fs=protocol.fs, tmin=protocol.tmin, seed=0)
 data.prior, data.protocol = prior.to_dict(), protocol.to_dict()
 enc = dict(_ENCODER, **json.loads(args.encoder))
+res = dict(tag=args.tag, args=vars(args))
+point = None
+if args.embedding_epochs:
+    t0 = time.perf_counter()
+    point, _ = jr_jax.train(data, kind="point", snr_db=(0.0, 40.0), encoder=enc, epochs=args.embedding_epochs,
+                            patience=args.embedding_epochs, progress=False, **json.loads(args.train))
+    res["point_train_seconds"] = time.perf_counter() - t0
+    print(args.tag, "point regressor", round(res["point_train_seconds"]), "s", flush=True)
 t0 = time.perf_counter()
-npe, hist = jr_jax.train(data, kind="posterior", snr_db=(0.0, 40.0), encoder=enc, epochs=args.epochs,
-                         patience=args.epochs, progress=False, posterior=json.loads(args.posterior) or None,
-                         **json.loads(args.train))
+npe, hist = jr_jax.train(data, kind="posterior", snr_db=(0.0, 40.0), encoder=None if point else enc,
+                         embedding=point, epochs=args.epochs, patience=args.epochs, progress=False,
+                         posterior=json.loads(args.posterior) or None, **json.loads(args.train))
 t_train = time.perf_counter() - t0
-options = {k: npe.encoder.config[k] for k in ("noise_feature", "regression_weight")}
-res = dict(tag=args.tag, args=vars(args), posterior_options=options, train_seconds=t_train,
-           val=[round(h["val_loss"], 3) for h in hist])
+res.update(posterior_options={k: npe.encoder.config[k] for k in ("noise_feature", "regression_weight")},
+           frozen_embedding=point is not None, train_seconds=t_train, val=[round(h["val_loss"], 3) for h in hist])
 print(args.tag, "train", round(t_train), "s val", res["val"], flush=True)
 
 ref = np.load("benchmarks/results/reference_posteriors.npz")
@@ -91,6 +101,9 @@ if not args.no_cal:
         noisy = np.asarray(add_noise_batch(jax.numpy.asarray(te_erp[..., None]), k, (snr, snr)))[..., 0]
         cal = jr_jax.calibrate(npe, te_theta, noisy, key=jax.random.fold_in(k, 1), snr_db=None)
         rows = cal.rows()
+        if point is not None:
+            pm = jr_jax.parameter_metrics(te_theta, point.predict_array(noisy), npe.lows, npe.highs)
+            res[f"point_r2_{snr:g}"] = {n: round(float(v), 3) for n, v in zip(prior.names, pm["r2"])}
         res[f"cal_{snr:g}"] = {r["parameter"]: dict(ce=round(r["calibration_error"], 3), p=float(f"{r['sbc_pvalue']:.2g}"),
                                                     r2=round(r.get("r2", float("nan")), 3),
                                                     z=(round(r["z_mean"], 2), round(r["z_sd"], 2)),

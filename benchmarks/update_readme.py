@@ -554,6 +554,33 @@ def reference_table(page: Path) -> str:
     return "\n".join(lines + ["", timing + ".", "", conv])
 
 
+def budget_table(page: Path) -> str:
+    """The posterior benchmark at each simulation budget (benchmarks/posterior.py --name ...)."""
+    runs = [(RESULTS / f"{name}.json") for name in ("posterior", "posterior_50000")]
+    runs = [json.loads(f.read_text()) for f in runs if f.is_file()]
+    lines = ["| simulations | SNR | C2ST: jr_jax NPE | C2ST: sbi NPE | C2ST: NPE + likelihood | worst calibration error "
+             "| SBC failures (p < 0.01, of 13) | lowest R² ratio, posterior mean / point regressor | "
+             "training: jr_jax NPE, sbi NPE |", "| --- |" + " --- |" * 8]
+    for d in runs:
+        ref = d.get("reference", {})
+        sbi = ref.get("sbi", {})
+        train = f"{d['posterior_train_seconds']:.0f} s, " + (f"{sbi['train_seconds']:.0f} s" if "train_seconds" in sbi
+                                                             else "not run")
+        for snr, entry in d["snr"].items():
+            cal = entry["calibration"]
+            summary = ref.get("summary", {}).get(snr, {})
+            c2st = lambda n: f"{summary[n]['c2st']:.3f}" if n in summary else "not run"  # noqa: E731
+            ratios = [r["r2"] / r["point_r2"] for r in cal if "point_r2" in r and r["point_r2"] > 0.2]
+            budget = f"{d['n_simulations'] - d['n_test']:,}".replace(",", " ")
+            lines.append(f"| {budget} | {snr} dB | {c2st('jr_jax NPE')} | {c2st('sbi NPE')} | "
+                         f"{c2st('jr_jax NPE + likelihood')} | {max(r['calibration_error'] for r in cal):.3f} | "
+                         f"{sum(r['sbc_pvalue'] < 0.01 for r in cal)} | {min(ratios):.2f} | {train} |")
+    lines += ["", "Simulations: training and validation (the held-out 1000 apart). The R² ratio is over the "
+              "parameters whose point-regressor R² exceeds 0.2 (1: the target). `python benchmarks/posterior.py "
+              "--n 50000 --name posterior_50000 ...` makes the second budget's row."]
+    return "\n".join(lines)
+
+
 def time_to_accuracy_table(page: Path) -> str:
     """Weak error against wall time, and the time at 1 % (benchmarks/time_to_accuracy.py)."""
     path = RESULTS / "time_to_accuracy.json"
@@ -607,7 +634,8 @@ TABLES = (("convergence-table", convergence_table), ("performance-table", perfor
           ("multichannel-table", multichannel_table), ("fit-simulated-table", fit_simulated_table),
           ("study-report", study_report),
           ("identifiability-table", identifiability_table), ("posterior-table", posterior_table),
-          ("reference-table", reference_table), ("time-to-accuracy-table", time_to_accuracy_table),
+          ("reference-table", reference_table), ("budget-table", budget_table),
+          ("time-to-accuracy-table", time_to_accuracy_table),
           ("readme-timing", readme_timing), ("readme-posterior", readme_posterior), ("readme-result", readme_result),
           ("test-suite-timing", test_suite_timing))
 

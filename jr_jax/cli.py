@@ -94,13 +94,20 @@ def _train(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(ckpt)  # --force starts the training afresh
-        posterior = None
+        posterior, embedding = None, None
         if args.kind == "posterior":
             posterior = dict(embed_dim=args.embed_dim, flow_layers=args.flow_layers, knots=args.knots,
                              noise_feature=args.noise_feature, regression_weight=args.regression_weight)
-        est, history = train(ds, kind=args.kind, posterior=posterior, snr_db=snr, encoder=encoder, epochs=args.epochs,
-                             batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
-                             schedule=args.schedule, seed=args.seed, checkpoint_dir=ckpt)
+        if args.embedding is not None:
+            from ._estimator import Estimator
+
+            embedding = Estimator.load(args.embedding)
+            encoder = None  # the point estimator's
+            if posterior is not None:
+                posterior = {k: v for k, v in posterior.items() if k != "embed_dim"}
+        est, history = train(ds, kind=args.kind, posterior=posterior, embedding=embedding, snr_db=snr,
+                             encoder=encoder, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                             patience=args.patience, schedule=args.schedule, seed=args.seed, checkpoint_dir=ckpt)
     except (ValueError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -575,6 +582,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="posterior: condition the flow on each ERP's measured noise level as well")
     t.add_argument("--regression-weight", type=float, default=0.0, help="posterior: weight of the squared error "
                    "of a linear head from the embedding to the parameters, added to the training loss (0: none)")
+    t.add_argument("--embedding", default=None, metavar="POINT_MODEL",
+                   help="posterior: a point estimator folder trained on the same dataset (jr-jax train --kind "
+                        "point); the flow is trained on its frozen estimates, the encoder options are its own "
+                        "(default: none, the embedding is trained with the flow)")
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
                    "(default: inf, clean ERPs)")

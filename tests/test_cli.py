@@ -178,6 +178,17 @@ def test_train_evaluate_infer(tmp_path, capsys):
                  "--samples", str(samples)]) == 2  # no silent overwrite
     assert "exists; pass --force" in capsys.readouterr().err
 
+    # a posterior whose flow is trained on the point estimator's frozen estimates
+    frozen = tmp_path / "frozen"
+    assert main(["train", str(data), "--out", str(frozen), "--snr", "10:30", "--epochs", "1", "--batch-size", "16",
+                 "--embedding", str(model), "--flow-layers", "2", "--knots", "4", "--noise-feature"]) == 0
+    est = jr_jax.Estimator.load(frozen)
+    assert est.manifest["training"]["frozen_embedding"] and est.encoder.config["embed_dim"] == 9
+    assert main(["train", str(data), "--kind", "point", "--out", str(tmp_path / "p2"), "--embedding", str(model)]) == 2
+    assert "only for kind='posterior'" in capsys.readouterr().err
+    assert main(["train", str(data), "--out", str(tmp_path / "p3"), "--embedding", str(post)]) == 2
+    assert "must be a point Estimator" in capsys.readouterr().err
+
 
 def test_sensitivity_writes_a_table_and_a_figure(tmp_path, capsys):
     out = tmp_path / "sens"

@@ -5,6 +5,7 @@ against a grid posterior, and the calibration diagnostics against exact posterio
 import json
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import scipy.stats as st
 
 import jr_jax
+from jr_jax._estimator import scale_input
 from jr_jax._flow import PosteriorNet, from_unbounded, log_jacobian, noise_feature, to_unbounded
 
 # the module fixtures are built once: every test here runs on the same xdist worker
@@ -319,3 +321,57 @@ def test_likelihood_check_flags_an_erp_the_model_cannot_make(toy_posterior, obse
     with pytest.warns(jr_jax.MisspecificationWarning, match="reduced chi-square"):
         bad = jr_jax.correct_posterior(est, odd, key=jax.random.key(4), snr_db=SNR, n=400, khat_threshold=np.inf)
     assert bad.misfit and bad.chi2_reduced > 2.0
+
+
+@pytest.fixture(scope="module")
+def toy_data_and_point():
+    """Toy training data and a point regressor trained briefly on them."""
+    data = jr_jax.TrainingData.on_the_fly(PRIOR, PROTOCOL, key=jax.random.key(1), n_val=64, batches_per_epoch=6)
+    point, _ = jr_jax.train(data, kind="point", snr_db=(0.0, 10.0), encoder=dict(hidden=8, conv_channels=0),
+                            epochs=1, batch_size=32, progress=False)
+    return data, point
+
+
+def test_flow_on_a_frozen_point_estimator(toy_data_and_point, tmp_path):
+    """``train(..., embedding=point)``: the posterior's encoder is the point estimator's network, bit
+    for bit after training (no gradient reached it), so the flow is conditioned on the point
+    estimates (and the noise feature); the flow itself trained; the estimator reloads."""
+    data, point = toy_data_and_point
+    est, history = jr_jax.train(data, kind="posterior", embedding=point, snr_db=(0.0, 10.0),
+                                posterior=dict(flow_layers=2, noise_feature=True), epochs=2, batch_size=32,
+                                progress=False)
+    assert est.manifest["training"]["frozen_embedding"] and est.encoder.config["embed_dim"] == 2
+    assert len(history) == 2 and all(np.isfinite(h["val_loss"]) for h in history)
+    arrays = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
+    for a, b in zip(arrays(est.encoder.embedding), arrays(point.encoder), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x = jnp.asarray(data.erp_val[:8])
+    emb = est.encoder.embed(scale_input(x, est.x_mean, est.x_std), inference=True)
+    np.testing.assert_allclose(emb[:, :2], point.encoder.batch(scale_input(x, point.x_mean, point.x_std),
+                                                               inference=True), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(emb[:, 2:], noise_feature(scale_input(x, est.x_mean, est.x_std)), rtol=1e-6)
+    untrained = PosteriorNet(1, 2, encoder=point.encoder.config, embed_dim=2, flow_layers=2, noise_feature=True,
+                             key=jax.random.split(jax.random.key(0), 3)[0])
+    assert any(not np.array_equal(a, b) for a, b in zip(arrays(est.encoder.flow), arrays(untrained.flow), strict=True))
+    est.save(tmp_path / "m")
+    back = jr_jax.Estimator.load(tmp_path / "m")
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(back.sample(data.erp_val[0, :, 0], 20, key=key),
+                                  est.sample(data.erp_val[0, :, 0], 20, key=key))
+
+
+def test_frozen_embedding_refuses_what_does_not_fit(toy_data_and_point, toy_posterior):
+    """The embedding must be a point estimator of the same data, without encoder options or a head."""
+    data, point = toy_data_and_point
+    kw = dict(snr_db=(0.0, 10.0), epochs=1, batch_size=32, progress=False)
+    with pytest.raises(ValueError, match="embedding must be a point Estimator"):
+        jr_jax.train(data, embedding=toy_posterior[0], **kw)
+    with pytest.raises(ValueError, match="either encoder or embedding"):
+        jr_jax.train(data, embedding=point, encoder=dict(hidden=8), **kw)
+    with pytest.raises(ValueError, match="regression_weight"):
+        jr_jax.train(data, embedding=point, posterior=dict(regression_weight=1.0), **kw)
+    with pytest.raises(ValueError, match="only for kind='posterior'"):
+        jr_jax.train(data, kind="point", embedding=point, **kw)
+    other = jr_jax.TrainingData.on_the_fly(PRIOR, PROTOCOL, key=jax.random.key(2), n_val=64, batches_per_epoch=6)
+    with pytest.raises(ValueError, match="other data"):
+        jr_jax.train(other, embedding=point, **kw)
