@@ -298,12 +298,11 @@ def train(
       which numbers the data determine, a point estimate does not. The estimator's :meth:`~Estimator.sample` and
       :meth:`~Estimator.posterior` give draws and intervals; ``predict`` the posterior mean.
     - ``embedding``: a point estimator (``kind="point"``) trained on the same data. Its network
-      becomes the posterior's embedding, frozen: the flow is trained on its estimates (the
-      regression summaries of Fearnhead and Prangle), plus the noise feature if asked for, and
-      the encoder options are its own. The posterior is then exact for what those estimates
-      carry (calibrated when the flow fits), and its mean has the regressor's information; only
-      the flow's weights train, at about a third of the cost of a step through the encoder.
-      Not with ``regression_weight``.
+      becomes the posterior's embedding, frozen (no gradient reaches it, dropout off): the flow is
+      trained on its estimates, the regression summaries of Fearnhead and Prangle (2012), plus the
+      noise feature if asked for; the encoder options are the regressor's. The posterior is then
+      that of the parameters given those estimates (calibrated as far as the flow fits), and its
+      mean carries the regressor's information. Not with ``regression_weight`` or ``embed_dim``.
     - ``kind="point"``: the study's regressor, MSE on the targets scaled by the prior bounds.
     - ``data``: a :class:`TrainingData` or a :class:`Dataset` (its stored split is used).
     - ``snr_db``: measurement noise added to every training batch, fresh each epoch: ``None``
