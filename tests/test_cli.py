@@ -121,7 +121,7 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     assert "n must be an integer >= 1" in err and "sigma must be >= 0" in err and "not a jr_jax dataset" in err
 
 
-def test_train_evaluate_infer(tmp_path, capsys):
+def test_train_evaluate_infer(tmp_path, capsys, monkeypatch):
     data = tmp_path / "d.zarr"
     assert main(["simulate", "--n", "48", "--out", str(data), "--trials", "1", "--stimulus", "study",
                  "--chunk-size", "48"]) == 0
@@ -178,12 +178,22 @@ def test_train_evaluate_infer(tmp_path, capsys):
                  "--samples", str(samples)]) == 2  # no silent overwrite
     assert "exists; pass --force" in capsys.readouterr().err
 
-    # a posterior whose flow is trained on the point estimator's frozen estimates
-    frozen = tmp_path / "frozen"
-    assert main(["train", str(data), "--out", str(frozen), "--snr", "10:30", "--epochs", "1", "--batch-size", "16",
-                 "--embedding", str(model), "--flow-layers", "2", "--knots", "4", "--noise-feature"]) == 0
-    est = jr_jax.Estimator.load(frozen)
-    assert est.manifest["training"]["frozen_embedding"] and est.encoder.config["embed_dim"] == 9
+    # --embedding: the point estimator loaded and handed to train() with its own encoder (train's
+    # side is tested in test_posterior.py); what cannot be an embedding is refused
+    from jr_jax import _train as train_module
+
+    seen = {}
+
+    def fake_train(ds, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    assert main(["train", str(data), "--out", str(tmp_path / "frozen"), "--embedding", str(model),
+                 "--noise-feature"]) == 2
+    assert isinstance(seen["embedding"], jr_jax.Estimator) and seen["embedding"].kind == "point"
+    assert seen["encoder"] is None and "embed_dim" not in seen["posterior"] and seen["posterior"]["noise_feature"]
+    monkeypatch.undo()
     assert main(["train", str(data), "--kind", "point", "--out", str(tmp_path / "p2"), "--embedding", str(model)]) == 2
     assert "only for kind='posterior'" in capsys.readouterr().err
     assert main(["train", str(data), "--out", str(tmp_path / "p3"), "--embedding", str(post)]) == 2

@@ -370,16 +370,16 @@ def toy_data_and_point():
     return data, point
 
 
-def test_flow_on_a_frozen_point_estimator(toy_data_and_point, tmp_path):
+def test_flow_on_a_frozen_point_estimator(toy_data_and_point):
     """``train(..., embedding=point)``: the posterior's encoder is the point estimator's network, bit
     for bit after training (no gradient reached it), so the flow is conditioned on the point
-    estimates (and the noise feature); the flow itself trained; the estimator reloads."""
+    estimates (and the noise feature); the flow itself trained."""
     data, point = toy_data_and_point
     est, history = jr_jax.train(data, kind="posterior", embedding=point, snr_db=(0.0, 10.0),
-                                posterior=dict(flow_layers=2, noise_feature=True), epochs=2, batch_size=32,
+                                posterior=dict(flow_layers=2, noise_feature=True), epochs=1, batch_size=32,
                                 progress=False)
     assert est.manifest["training"]["frozen_embedding"] and est.encoder.config["embed_dim"] == 2
-    assert len(history) == 2 and all(np.isfinite(h["val_loss"]) for h in history)
+    assert len(history) == 1 and np.isfinite(history[0]["val_loss"])
     arrays = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
     for a, b in zip(arrays(est.encoder.embedding), arrays(point.encoder), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -391,11 +391,6 @@ def test_flow_on_a_frozen_point_estimator(toy_data_and_point, tmp_path):
     untrained = PosteriorNet(1, 2, encoder=point.encoder.config, embed_dim=2, flow_layers=2, noise_feature=True,
                              key=jax.random.split(jax.random.key(0), 3)[0])
     assert any(not np.array_equal(a, b) for a, b in zip(arrays(est.encoder.flow), arrays(untrained.flow), strict=True))
-    est.save(tmp_path / "m")
-    back = jr_jax.Estimator.load(tmp_path / "m")
-    key = jax.random.key(0)
-    np.testing.assert_array_equal(back.sample(data.erp_val[0, :, 0], 20, key=key),
-                                  est.sample(data.erp_val[0, :, 0], 20, key=key))
 
 
 def test_frozen_embedding_refuses_what_does_not_fit(toy_data_and_point, toy_posterior):
