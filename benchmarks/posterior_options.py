@@ -12,6 +12,11 @@ weight 10, 15 epochs, cosine) and left them off by default in jr_jax.train are t
 benchmarks/results/posterior_options.jsonl; ``posterior_options`` in each line gives the noise
 feature and regression weight in effect. Those runs split the network's key in three (encoder,
 flow, head); the network now derives the head's key apart, so a rerun starts from other weights.
+With ``--embedding-epochs N`` a point regressor is trained first (N epochs) and the NPE's flow on
+its frozen estimates (``jr_jax.train(..., embedding=...)``); the line then also holds the
+regressor's training time and its R² per test SNR (``point_r2_<snr>``). The last line of the file
+is such a run (N = 15, the noise feature, cosine schedule), made while tests ran beside it: its
+training seconds are not comparable.
 
     python benchmarks/posterior_options.py --tag NAME [--epochs 12] [--encoder JSON] [--posterior JSON]
                                            [--train JSON] [--no-cal] [--embedding-epochs N]
