@@ -217,7 +217,8 @@ def _print_posteriors(est, erps, labels, args) -> int:
                                         snr_db=args.snr, n=args.draws)
                 draws.append(res.samples[:args.draws])
                 notes.append(f"corrected by the exact likelihood: {res.method}, Pareto k-hat {res.pareto_k:.2f}, "
-                             f"ESS {res.ess:.0f} of {res.proposal.shape[0]} NPE draws, reduced chi-square {res.chi2_reduced:.3g}"
+                             f"ESS {res.ess:.0f} of {res.proposal.shape[0]} NPE draws, "
+                             f"reduced chi-square {res.chi2_reduced:.3g}"
                              + (" (MISFIT: the model does not explain this ERP)" if res.misfit else "")
                              + ("" if res.converged else " (NOT CONVERGED)"))
             else:

@@ -388,6 +388,7 @@ def test_flow_on_a_frozen_point_estimator(toy_data_and_point):
     np.testing.assert_allclose(emb[:, :2], point.encoder.batch(scale_input(x, point.x_mean, point.x_std),
                                                                inference=True), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(emb[:, 2:], noise_feature(scale_input(x, est.x_mean, est.x_std)), rtol=1e-6)
+    # the flow as train() initialised it (seed 0: its model key is the first of three split from key(0))
     untrained = PosteriorNet(1, 2, encoder=point.encoder.config, embed_dim=2, flow_layers=2, noise_feature=True,
                              key=jax.random.split(jax.random.key(0), 3)[0])
     assert any(not np.array_equal(a, b) for a, b in zip(arrays(est.encoder.flow), arrays(untrained.flow), strict=True))
