@@ -11,8 +11,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import paramax
-from flowjax.bijections import RationalQuadraticSpline
-from flowjax.distributions import Normal
+from flowjax.bijections import AbstractBijection, Chain, RationalQuadraticSpline
+from flowjax.distributions import Normal, Transformed
 from flowjax.flows import coupling_flow
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -66,6 +66,40 @@ def noise_feature(x: Float[Array, "B T C"]) -> Float[Array, "B C"]:
     return 0.5 * (jnp.log(jnp.var(d2, axis=1) + 1e-12) - jnp.log(jnp.var(x, axis=1) + 1e-12))
 
 
+class ConditionalAffine(AbstractBijection):
+    """``z = loc(c) + exp(log_scale(c)) * y`` elementwise, with ``loc`` and ``log_scale`` (each of
+    shape ``(d,)``) given by an MLP of the condition ``c`` (shape ``(cond_dim,)``).
+
+    Placed after a flow's coupling layers (in the sampling direction), it lets the flow place and
+    scale each ERP's posterior directly, so the splines only shape a standardised one. It starts as
+    the identity (the MLP's last layer is zero) and ``log_scale`` is bounded to (-8, 3) by a tanh on either side of 0.
+    """
+
+    shape: tuple[int, ...]
+    cond_shape: tuple[int, ...]
+    mlp: eqx.nn.MLP
+
+    def __init__(self, dim: int, cond_dim: int, *, width: int, key: PRNGKeyArray):
+        self.shape, self.cond_shape = (dim,), (cond_dim,)
+        mlp = eqx.nn.MLP(cond_dim, 2 * dim, width, 1, activation=jax.nn.relu, key=key)
+        last = mlp.layers[-1]
+        self.mlp = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), mlp,
+                               (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+
+    def _loc_log_scale(self, condition):
+        loc, raw = jnp.split(self.mlp(condition), 2)
+        # soft bounds (-8, 3): tanh with slope 1 and curvature 0 at raw = 0 from either side (the identity at 0)
+        return loc, jnp.where(raw >= 0, 3.0 * jnp.tanh(raw / 3.0), 8.0 * jnp.tanh(raw / 8.0))
+
+    def transform_and_log_det(self, x, condition=None):
+        loc, log_scale = self._loc_log_scale(condition)
+        return loc + jnp.exp(log_scale) * x, jnp.sum(log_scale)
+
+    def inverse_and_log_det(self, y, condition=None):
+        loc, log_scale = self._loc_log_scale(condition)
+        return (y - loc) * jnp.exp(-log_scale), -jnp.sum(log_scale)
+
+
 class PosteriorNet(eqx.Module):
     """A Bi-LSTM embedding of the ERP conditioning a coupling flow with rational-quadratic spline
     transformers (a neural spline flow) over the unbounded parameters ``z`` (dimension ``n_out``).
@@ -84,6 +118,8 @@ class PosteriorNet(eqx.Module):
     ``noise_feature``: the flow is also conditioned on :func:`noise_feature` of each channel, a
     measure of the ERP's measurement-noise level, so that one estimator trained over a range of
     SNRs knows which SNR an ERP has.
+    ``conditional_affine``: a :class:`ConditionalAffine` layer after the coupling layers, so that the
+    flow places and scales each posterior directly (off: the coupling layers alone).
     """
 
     embedding: BiLSTM
@@ -93,7 +129,8 @@ class PosteriorNet(eqx.Module):
 
     def __init__(self, n_channels: int, n_out: int, *, encoder: dict | None = None, embed_dim: int = 32,
                  flow_layers: int = 6, knots: int = 8, interval: float = 6.0, nn_width: int = 64,
-                 regression_weight: float = 0.0, noise_feature: bool = False, key: PRNGKeyArray):
+                 regression_weight: float = 0.0, noise_feature: bool = False, conditional_affine: bool = False,
+                 key: PRNGKeyArray):
         for name, value in (("n_out", n_out), ("embed_dim", embed_dim), ("flow_layers", flow_layers),
                             ("knots", knots), ("nn_width", nn_width)):
             if not isinstance(value, int) or value < 1:
@@ -115,12 +152,15 @@ class PosteriorNet(eqx.Module):
             k_flow, base_dist=Normal(jnp.zeros(n_out)), cond_dim=cond_dim,
             transformer=RationalQuadraticSpline(knots=knots, interval=interval),
             flow_layers=flow_layers, nn_width=nn_width)
+        if conditional_affine:
+            affine = ConditionalAffine(n_out, cond_dim, width=nn_width, key=jax.random.fold_in(key, 2))
+            self.flow = Transformed(self.flow.base_dist, Chain([self.flow.bijection, affine]))
         self.regression_head = eqx.nn.Linear(cond_dim, n_out, key=k_head) if regression_weight > 0 else None
         enc_config = {k: v for k, v in self.embedding.config.items() if k not in ("kind", "n_channels", "n_out")}
         self.config = dict(kind="posterior", n_channels=n_channels, n_out=n_out, encoder=enc_config,
                            embed_dim=embed_dim, flow_layers=flow_layers, knots=knots, interval=float(interval),
                            nn_width=nn_width, regression_weight=float(regression_weight),
-                           noise_feature=bool(noise_feature))
+                           noise_feature=bool(noise_feature), conditional_affine=bool(conditional_affine))
 
     def embed(self, x: Float[Array, "B T C"], *, keys: PRNGKeyArray | None = None,
               inference: bool = False) -> Float[Array, "B E"]:

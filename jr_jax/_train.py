@@ -289,7 +289,8 @@ def train(
     - ``kind="posterior"`` (default): neural posterior estimation. The encoder (default: the study's
       Bi-LSTM) embeds the ERP and a conditional normalizing flow (flowjax; options in
       ``posterior``: ``embed_dim``, ``flow_layers``, ``knots``, ``interval``, ``nn_width``,
-      ``noise_feature``, ``regression_weight``, see :class:`jr_jax._flow.PosteriorNet`; each
+      ``noise_feature``, ``regression_weight``, ``conditional_affine``, see
+      :class:`jr_jax._flow.PosteriorNet`; each
       replaces that of :data:`DEFAULT_POSTERIOR`) models the parameters in the logit of the prior
       box, trained end to end on the negative log posterior density (plus ``regression_weight``
       times the squared error of a linear head from the embedding to the scaled parameters). It is

@@ -101,6 +101,11 @@ def _train(args: argparse.Namespace) -> int:
         if args.embedding is not None:
             from ._estimator import Estimator
 
+            overridden = sorted(getattr(args, "given", None) or ())
+            if overridden:
+                raise ValueError(f"{', '.join(overridden)} cannot be given with --embedding: the embedding is the "
+                                 "point estimator's own network, with its own encoder; drop them")
+
             embedding = Estimator.load(args.embedding)
             encoder = None  # the point estimator's
             if posterior is not None:
@@ -527,6 +532,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _StoreGiven(argparse.Action):
+    """``store``, and remember that the option was given on the command line (``args.given``), so that a
+    command can refuse an option that another one overrides instead of dropping it silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, "given", None) or ())
+        given.add(option_string)
+        namespace.given = given
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jr-jax", description="Jansen-Rit ERPs in JAX", formatter_class=_HelpFormatter,
@@ -576,7 +592,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", choices=["posterior", "point"], default="posterior",
                    help="posterior: draws and credible intervals (jr-jax infer prints them); point: the study's "
                         "regressor (one number per parameter)")
-    t.add_argument("--embed-dim", type=int, default=32, help="posterior: size of the ERP embedding")
+    t.add_argument("--embed-dim", action=_StoreGiven, type=int, default=32, help="posterior: size of the ERP embedding")
     t.add_argument("--flow-layers", type=int, default=6, help="posterior: coupling spline layers")
     t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
     t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=False,
@@ -585,8 +601,9 @@ def _parser() -> argparse.ArgumentParser:
                    "of a linear head from the embedding to the parameters, added to the training loss (0: none)")
     t.add_argument("--embedding", default=None, metavar="POINT_MODEL",
                    help="posterior: a point estimator folder trained on the same dataset (jr-jax train --kind "
-                        "point); the flow is trained on its frozen estimates, the encoder options are its own "
-                        "(default: none, the embedding is trained with the flow)")
+                        "point); the flow is trained on its frozen estimates; its encoder is the point estimator's, "
+                        "so --embed-dim and the encoder options are refused with it (default: none, the embedding "
+                        "is trained with the flow)")
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
                    "(default: inf, clean ERPs)")
@@ -598,13 +615,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="learning-rate schedule (default: none, a constant rate)")
     t.add_argument("--patience", type=int, default=15, help="stop after this many epochs without a better "
                    "validation loss (the study: 50)")
-    t.add_argument("--hidden", type=int, default=64, help="LSTM units per direction (study: 64)")
-    t.add_argument("--layers", type=int, default=1, help="Bi-LSTM layers")
-    t.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
-    t.add_argument("--conv-channels", type=int, default=32, help="strided Conv1d front-end channels before the "
+    t.add_argument("--hidden", action=_StoreGiven, type=int, default=64, help="LSTM units per direction (study: 64)")
+    t.add_argument("--layers", action=_StoreGiven, type=int, default=1, help="Bi-LSTM layers")
+    t.add_argument("--dropout", action=_StoreGiven, type=float, default=0.1, help="dropout rate")
+    t.add_argument("--conv-channels", action=_StoreGiven, type=int, default=32, help="strided Conv1d front-end channels before the "
                    "Bi-LSTM (0: none, the study's plain Bi-LSTM, several times slower to train)")
-    t.add_argument("--conv-kernel", type=int, default=16, help="Conv1d kernel size (samples)")
-    t.add_argument("--conv-stride", type=int, default=16, help="Conv1d stride (samples)")
+    t.add_argument("--conv-kernel", action=_StoreGiven, type=int, default=16, help="Conv1d kernel size (samples)")
+    t.add_argument("--conv-stride", action=_StoreGiven, type=int, default=16, help="Conv1d stride (samples)")
     t.add_argument("--seed", type=int, default=0, help="random seed of the weights, batches and noise")
     t.add_argument("--force", action="store_true", help="replace an existing estimator at --out and start the "
                    "training afresh (deletes --out/checkpoint only if it is a jr_jax checkpoint)")

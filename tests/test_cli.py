@@ -193,6 +193,12 @@ def test_train_evaluate_infer(tmp_path, capsys, monkeypatch):
                  "--noise-feature"]) == 2
     assert isinstance(seen["embedding"], jr_jax.Estimator) and seen["embedding"].kind == "point"
     assert seen["encoder"] is None and "embed_dim" not in seen["posterior"] and seen["posterior"]["noise_feature"]
+    # an encoder option the point estimator's own encoder would override is refused, not dropped
+    # (also when abbreviated, as argparse allows)
+    seen.clear()
+    assert main(["train", str(data), "--out", str(tmp_path / "frozen"), "--embedding", str(model),
+                 "--hid", "16", "--embed-dim", "8"]) == 2
+    assert "--embed-dim, --hidden cannot be given with --embedding" in capsys.readouterr().err and not seen
     monkeypatch.undo()
     assert main(["train", str(data), "--kind", "point", "--out", str(tmp_path / "p2"), "--embedding", str(model)]) == 2
     assert "only for kind='posterior'" in capsys.readouterr().err
