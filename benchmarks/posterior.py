@@ -8,7 +8,8 @@ drawn per batch with SNR uniform in [snr_low, snr_high] dB for training and fixe
 Both estimators use the quick preset's encoder (the Bi-LSTM behind a strided convolution) and the
 same data, epochs and seed; the NPE has the noise feature and a regression head of weight 10
 (jr_jax.train's posterior options, off by default; --no-noise-feature, --regression-weight), or
-with ``--frozen-embedding`` the point regressor's network as its frozen embedding.
+with ``--frozen-embedding`` the point regressor's network as its frozen embedding;
+``--conditional-affine`` adds the flow's conditional affine layer.
 
 Against reference posteriors (``--reference``, made by ``benchmarks/reference_posteriors.py`` on this
 problem): for each reference observation, 1000 draws of jr_jax's NPE, of the NPE corrected by the
@@ -21,7 +22,8 @@ the errors of the marginal means (in reference SDs) and SDs (ratio), over the ob
 reference converged.
 
     python benchmarks/posterior.py [--n 12000] [--epochs 15] [--schedule cosine] [--regression-weight 10]
-                                   [--no-noise-feature] [--frozen-embedding] [--test 1000] [--correct 5]
+                                   [--no-noise-feature] [--conditional-affine] [--frozen-embedding]
+                                   [--test 1000] [--correct 5]
                                    [--reference benchmarks/results/reference_posteriors.npz]
                                    [--correct-reference 5] [--sbi-python /tmp/sbi_venv/bin/python]
                                    [--name posterior]
@@ -53,6 +55,8 @@ def main():
     ap.add_argument("--regression-weight", type=float, default=10.0,
                     help="the NPE's regression head weight (jr_jax.train's posterior option; 0: no head)")
     ap.add_argument("--no-noise-feature", action="store_true", help="the NPE without the noise feature")
+    ap.add_argument("--conditional-affine", action="store_true",
+                    help="the NPE's flow with a conditional affine layer after its coupling layers")
     ap.add_argument("--frozen-embedding", action="store_true",
                     help="train the NPE's flow on the point regressor's frozen estimates (jr_jax.train's embedding=; "
                          "no regression head); its training seconds then count the regressor's too")
@@ -87,7 +91,8 @@ def main():
     common = dict(snr_db=(0.0, 40.0), encoder=_ENCODER, epochs=args.epochs, patience=args.epochs, progress=False,
                   schedule=None if args.schedule == "none" else args.schedule)
     posterior_options = dict(noise_feature=not args.no_noise_feature,
-                             regression_weight=0.0 if args.frozen_embedding else args.regression_weight)
+                             regression_weight=0.0 if args.frozen_embedding else args.regression_weight,
+                             conditional_affine=args.conditional_affine)
     result = dict(n_simulations=int(ok.sum()), n_train=data.n_train, n_test=args.test, epochs=args.epochs,
                   schedule=args.schedule, posterior_options=posterior_options, frozen_embedding=args.frozen_embedding,
                   simulate_seconds=t_sim, invalid=int((~ok).sum()))
