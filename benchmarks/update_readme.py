@@ -556,12 +556,15 @@ def reference_table(page: Path) -> str:
 
 def budget_table(page: Path) -> str:
     """The posterior benchmark at each simulation budget (benchmarks/posterior.py --name ...)."""
-    runs = [(RESULTS / f"{name}.json") for name in ("posterior", "posterior_50000")]
+    runs = [(RESULTS / f"{name}.json") for name in ("posterior", "posterior_50000", "posterior_50000_frozen_affine")]
     runs = [json.loads(f.read_text()) for f in runs if f.is_file()]
-    lines = ["| simulations | SNR | C2ST: jr_jax NPE | C2ST: sbi NPE | C2ST: NPE + likelihood | worst calibration error "
-             "| SBC failures (p < 0.01, of 13) | lowest R² ratio, posterior mean / point regressor | "
-             "training: jr_jax NPE, sbi NPE |", "| --- |" + " --- |" * 8]
+    lines = ["| simulations | NPE | SNR | C2ST: jr_jax NPE | C2ST: sbi NPE | C2ST: NPE + likelihood | worst calibration "
+             "error | SBC failures (p < 0.01, of 13) | lowest R² ratio, posterior mean / point regressor | "
+             "training: jr_jax NPE, sbi NPE |", "| --- |" + " --- |" * 9]
     for d in runs:
+        options = d.get("posterior_options", {})
+        network = ("flow on the frozen point regressor" if d.get("frozen_embedding") else "end to end") + (
+            " + conditional affine" if options.get("conditional_affine") else "")
         ref = d.get("reference", {})
         sbi = ref.get("sbi", {})
         train = f"{d['posterior_train_seconds']:.0f} s, " + (f"{sbi['train_seconds']:.0f} s" if "train_seconds" in sbi
@@ -574,12 +577,15 @@ def budget_table(page: Path) -> str:
                              if "point_r2" in r and r["point_r2"] > 0.2)
             worst = max(cal, key=lambda r: r["calibration_error"])
             budget = f"{d['n_simulations'] - d['n_test']:,}".replace(",", " ")
-            lines.append(f"| {budget} | {snr} dB | {c2st('jr_jax NPE')} | {c2st('sbi NPE')} | "
+            lines.append(f"| {budget} | {network} | {snr} dB | {c2st('jr_jax NPE')} | {c2st('sbi NPE')} | "
                          f"{c2st('jr_jax NPE + likelihood')} | {worst['calibration_error']:.3f} ({worst['parameter']}) | "
                          f"{sum(r['sbc_pvalue'] < 0.01 for r in cal)} | {ratio:.2f} ({low}) | {train} |")
     lines += ["", "Simulations: training and validation (the held-out 1000 apart). The R² ratio is over the "
               "parameters whose point-regressor R² exceeds 0.2 (1: the target). `python benchmarks/posterior.py "
-              "--n 50000 --name posterior_50000 ...` makes the second budget's row."]
+              "--n 50000 --name posterior_50000 ...` makes the second budget's rows; with `--frozen-embedding "
+              "--conditional-affine --name posterior_50000_frozen_affine` the last (no sbi run beside it: the "
+              "same simulations as the rows above it). Training of the frozen-embedding NPE includes its point "
+              "regressor's."]
     return "\n".join(lines)
 
 

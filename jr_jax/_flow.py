@@ -72,7 +72,8 @@ class ConditionalAffine(AbstractBijection):
 
     Placed after a flow's coupling layers (in the sampling direction), it lets the flow place and
     scale each ERP's posterior directly, so the splines only shape a standardised one. It starts as
-    the identity (the MLP's last layer is zero) and ``log_scale`` is bounded to (-8, 3) by a tanh on either side of 0.
+    the identity (the MLP's last layer is zero); ``log_scale`` is bounded to (-8, 3) by a tanh on
+    either side of 0.
     """
 
     shape: tuple[int, ...]

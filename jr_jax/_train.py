@@ -290,10 +290,10 @@ def train(
       Bi-LSTM) embeds the ERP and a conditional normalizing flow (flowjax; options in
       ``posterior``: ``embed_dim``, ``flow_layers``, ``knots``, ``interval``, ``nn_width``,
       ``noise_feature``, ``regression_weight``, ``conditional_affine``, see
-      :class:`jr_jax._flow.PosteriorNet`; each
-      replaces that of :data:`DEFAULT_POSTERIOR`) models the parameters in the logit of the prior
-      box, trained end to end on the negative log posterior density (plus ``regression_weight``
-      times the squared error of a linear head from the embedding to the scaled parameters). It is
+      :class:`jr_jax._flow.PosteriorNet`; each replaces that of :data:`DEFAULT_POSTERIOR`) models
+      the parameters in the logit of the prior box, trained end to end on the negative log
+      posterior density (plus ``regression_weight`` times the squared error of a linear head from
+      the embedding to the scaled parameters). It is
       the default because the JR parameters are largely sloppy (only the products C a_k enter the
       model, and most other directions are weakly determined at realistic SNR): a posterior says
       which numbers the data determine, a point estimate does not. The estimator's :meth:`~Estimator.sample` and

@@ -97,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
         posterior, embedding = None, None
         if args.kind == "posterior":
             posterior = dict(embed_dim=args.embed_dim, flow_layers=args.flow_layers, knots=args.knots,
-                             noise_feature=args.noise_feature, regression_weight=args.regression_weight)
+                             noise_feature=args.noise_feature, regression_weight=args.regression_weight,
+                             conditional_affine=args.conditional_affine)
         if args.embedding is not None:
             from ._estimator import Estimator
 
@@ -597,6 +598,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
     t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=False,
                    help="posterior: condition the flow on each ERP's measured noise level as well")
+    t.add_argument("--conditional-affine", action=argparse.BooleanOptionalAction, default=False,
+                   help="posterior: a conditional affine layer after the flow's coupling layers, which places and "
+                        "scales each ERP's posterior")
     t.add_argument("--regression-weight", type=float, default=0.0, help="posterior: weight of the squared error "
                    "of a linear head from the embedding to the parameters, added to the training loss (0: none)")
     t.add_argument("--embedding", default=None, metavar="POINT_MODEL",

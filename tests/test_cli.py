@@ -190,9 +190,10 @@ def test_train_evaluate_infer(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", fake_train)
     assert main(["train", str(data), "--out", str(tmp_path / "frozen"), "--embedding", str(model),
-                 "--noise-feature"]) == 2
+                 "--noise-feature", "--conditional-affine"]) == 2
     assert isinstance(seen["embedding"], jr_jax.Estimator) and seen["embedding"].kind == "point"
     assert seen["encoder"] is None and "embed_dim" not in seen["posterior"] and seen["posterior"]["noise_feature"]
+    assert seen["posterior"]["conditional_affine"]
     # an encoder option the point estimator's own encoder would override is refused, not dropped
     # (also when abbreviated, as argparse allows)
     seen.clear()
