@@ -613,12 +613,17 @@ def time_to_accuracy_table(page: Path) -> str:
 def readme_posterior(page: Path) -> str:
     """The README's compact posterior table: calibration and C2ST against the references, per budget."""
     runs = [(label, json.loads((RESULTS / f"{name}.json").read_text())) for name, label in
-            (("posterior", "10⁴"), ("posterior_50000", "5·10⁴")) if (RESULTS / f"{name}.json").is_file()]
+            (("posterior", "10⁴"), ("posterior_50000", "5·10⁴"),
+             ("posterior_50000_frozen_affine", "5·10⁴, frozen regressor + affine"))
+            if (RESULTS / f"{name}.json").is_file()]
     cols = [(label, d, s) for label, d in runs for s in ("30", "10") if s in d["snr"]]
     lines = ["| posterior, simulations | " + " | ".join(f"{s} dB, {label}" for label, _, s in cols) + " |",
              "| --- |" + " --- |" * len(cols),
              "| jr_jax NPE: worst calibration error over 13 quantities | " + " | ".join(
-                 f"{max(r['calibration_error'] for r in d['snr'][s]['calibration']):.3f}" for _, d, s in cols) + " |"]
+                 f"{max(r['calibration_error'] for r in d['snr'][s]['calibration']):.3f}" for _, d, s in cols) + " |",
+             "| jr_jax NPE: lowest R² of the posterior mean / the point regressor's (R² > 0.2) | " + " | ".join(
+                 f"{min(r['r2'] / r['point_r2'] for r in d['snr'][s]['calibration'] if r.get('point_r2', 0) > 0.2):.2f}"
+                 for _, d, s in cols) + " |"]
     for name in ("jr_jax NPE", "jr_jax NPE + likelihood", "sbi NPE"):
         cells = [d.get("reference", {}).get("summary", {}).get(s, {}).get(name) for _, d, s in cols]
         if any(cells):
