@@ -506,8 +506,16 @@ def _smc_step(log_q, log_target, mcmc_steps: int, with_data: bool):
             return lq(x) + beta * ratio(x)
 
         def one(k1, x, c):
+            # c (d, d + k): a square factor, then k extra columns (the ridge term; zeros where it is off, so
+            # that one program serves every round), each with its own normal draws
+            d = x.shape[-1]
+
+            def propose(k2, pos):
+                return c[:, :d] @ jax.random.normal(k2, (d,)) + c[:, d:] @ jax.random.normal(
+                    jax.random.fold_in(k2, 1), (c.shape[-1] - d,))
+
             def body(state, kk):
-                state, info = rw_kernel(kk, state, tempered, lambda k2, pos: c @ jax.random.normal(k2, c.shape[-1:]))
+                state, info = rw_kernel(kk, state, tempered, propose)
                 return state, info.is_accepted
 
             state, accepted = jax.lax.scan(body, blackjax.rmh.init(x, tempered), jax.random.split(k1, mcmc_steps))
@@ -691,9 +699,10 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
             s = np.exp(centres[kind] + spread * np.asarray(jax.random.uniform(k_scale_r, (n_particles,), minval=-1.0,
                                                                               maxval=1.0), np.float64))
             prop = s[:, None, None] * factors[kind]
-            if ridge is not None and beta_now >= 1.0:  # the ridge term: more columns of the proposal's factor
+            if ridge is not None:  # the ridge term at the posterior: more columns of the proposal's factor
                 r = np.asarray(ridge, np.float64).reshape(-1, d)
-                prop = np.concatenate([prop, np.broadcast_to(ridge_scale * r.T, (n_particles, d, len(r)))], axis=2)
+                r = ridge_scale * r.T if beta_now >= 1.0 else np.zeros_like(r.T)  # zeros: one shape, one program
+                prop = np.concatenate([prop, np.broadcast_to(r, (n_particles, d, r.shape[1]))], axis=2)
             chol = spread_batch(jnp.asarray(prop, jnp.float32))  # (n, d, d [+ k]), split like z
             z, a, ratio_now = move(k_move_r, z, jnp.float32(beta_now), chol, data)
             a = np.asarray(a, np.float64)
