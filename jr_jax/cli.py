@@ -593,7 +593,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", choices=["posterior", "point"], default="posterior",
                    help="posterior: draws and credible intervals (jr-jax infer prints them); point: the study's "
                         "regressor (one number per parameter)")
-    t.add_argument("--embed-dim", action=_StoreGiven, type=int, default=32, help="posterior: size of the ERP embedding")
+    t.add_argument("--embed-dim", action=_StoreGiven, type=int, default=32,
+                   help="posterior: size of the ERP embedding")
     t.add_argument("--flow-layers", type=int, default=6, help="posterior: coupling spline layers")
     t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
     t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=False,
@@ -622,8 +623,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", action=_StoreGiven, type=int, default=64, help="LSTM units per direction (study: 64)")
     t.add_argument("--layers", action=_StoreGiven, type=int, default=1, help="Bi-LSTM layers")
     t.add_argument("--dropout", action=_StoreGiven, type=float, default=0.1, help="dropout rate")
-    t.add_argument("--conv-channels", action=_StoreGiven, type=int, default=32, help="strided Conv1d front-end channels before the "
-                   "Bi-LSTM (0: none, the study's plain Bi-LSTM, several times slower to train)")
+    t.add_argument("--conv-channels", action=_StoreGiven, type=int, default=32,
+                   help="strided Conv1d front-end channels before the Bi-LSTM (0: none, the study's plain Bi-LSTM, "
+                        "several times slower to train)")
     t.add_argument("--conv-kernel", action=_StoreGiven, type=int, default=16, help="Conv1d kernel size (samples)")
     t.add_argument("--conv-stride", action=_StoreGiven, type=int, default=16, help="Conv1d stride (samples)")
     t.add_argument("--seed", type=int, default=0, help="random seed of the weights, batches and noise")
