@@ -14,9 +14,11 @@ feature and regression weight in effect. Those runs split the network's key in t
 flow, head); the network now derives the head's key apart, so a rerun starts from other weights.
 With ``--embedding-epochs N`` a point regressor is trained first (N epochs) and the NPE's flow on
 its frozen estimates (``jr_jax.train(..., embedding=...)``); the line then also holds the
-regressor's training time and its R² per test SNR (``point_r2_<snr>``). The last line of the file
-is such a run (N = 15, the noise feature, cosine schedule), made while tests ran beside it: its
-training seconds are not comparable.
+regressor's training time and its R² per test SNR (``point_r2_<snr>``). The first such line
+(tagged "frozen point embedding (15 ep) + noise feature, flow 15 ep, cosine") was made while tests
+ran beside it: its training seconds are not comparable. The lines whose ``--posterior`` (in
+``args``) sets ``conditional_affine`` add the flow's conditional affine layer (later runs also
+record it in ``posterior_options``); the one with ``"n": 50000`` is at 5 * 10^4 simulations.
 
     python benchmarks/posterior_options.py --tag NAME [--epochs 12] [--encoder JSON] [--posterior JSON]
                                            [--train JSON] [--no-cal] [--embedding-epochs N]
@@ -80,7 +82,8 @@ npe, hist = jr_jax.train(data, kind="posterior", snr_db=(0.0, 40.0), encoder=Non
                          embedding=point, epochs=args.epochs, patience=args.epochs, progress=False,
                          posterior=json.loads(args.posterior) or None, **json.loads(args.train))
 t_train = time.perf_counter() - t0
-res.update(posterior_options={k: npe.encoder.config[k] for k in ("noise_feature", "regression_weight")},
+res.update(posterior_options={k: npe.encoder.config[k] for k in ("noise_feature", "regression_weight",
+                                                                 "conditional_affine")},
            frozen_embedding=point is not None, train_seconds=t_train, val=[round(h["val_loss"], 3) for h in hist])
 print(args.tag, "train", round(t_train), "s val", res["val"], flush=True)
 

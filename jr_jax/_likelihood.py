@@ -669,6 +669,9 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
     log_lo, log_hi, spread = math.log(1e-3 / math.sqrt(d)), math.log(3.0), 1.0
     centres = {"particles": math.log(2.38 / math.sqrt(d)), "local": math.log(2.38 / math.sqrt(d))}
     kinds = ["particles"] + (["local"] if local_precision is not None else [])
+    # the ridge term's columns of the proposal factor, (d, k): zeros before the posterior, so that every
+    # round's factor has one shape and the move program compiles once
+    ridge_columns = None if ridge is None else ridge_scale * np.asarray(ridge, np.float64).reshape(-1, d).T
     rounds_per_step, kinds_per_step, ind_acc_per_step = [], [], []
 
     def proposal_factors(zn, w, ratio_now, beta_now):
@@ -699,9 +702,8 @@ def tempered_smc(log_q, sample_q, log_target, key, d, n_particles, mcmc_steps, m
             s = np.exp(centres[kind] + spread * np.asarray(jax.random.uniform(k_scale_r, (n_particles,), minval=-1.0,
                                                                               maxval=1.0), np.float64))
             prop = s[:, None, None] * factors[kind]
-            if ridge is not None:  # the ridge term at the posterior: more columns of the proposal's factor
-                r = np.asarray(ridge, np.float64).reshape(-1, d)
-                r = ridge_scale * r.T if beta_now >= 1.0 else np.zeros_like(r.T)  # zeros: one shape, one program
+            if ridge_columns is not None:  # the ridge term at the posterior: more columns of the factor
+                r = ridge_columns if beta_now >= 1.0 else np.zeros_like(ridge_columns)
                 prop = np.concatenate([prop, np.broadcast_to(r, (n_particles, d, r.shape[1]))], axis=2)
             chol = spread_batch(jnp.asarray(prop, jnp.float32))  # (n, d, d [+ k]), split like z
             z, a, ratio_now = move(k_move_r, z, jnp.float32(beta_now), chol, data)

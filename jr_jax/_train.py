@@ -293,10 +293,10 @@ def train(
       :class:`jr_jax._flow.PosteriorNet`; each replaces that of :data:`DEFAULT_POSTERIOR`) models
       the parameters in the logit of the prior box, trained end to end on the negative log
       posterior density (plus ``regression_weight`` times the squared error of a linear head from
-      the embedding to the scaled parameters). It is
-      the default because the JR parameters are largely sloppy (only the products C a_k enter the
-      model, and most other directions are weakly determined at realistic SNR): a posterior says
-      which numbers the data determine, a point estimate does not. The estimator's :meth:`~Estimator.sample` and
+      the embedding to the scaled parameters). It is the default because the JR parameters are
+      largely sloppy (only the products C a_k enter the model, and most other directions are
+      weakly determined at realistic SNR): a posterior says which numbers the data determine, a
+      point estimate does not. The estimator's :meth:`~Estimator.sample` and
       :meth:`~Estimator.posterior` give draws and intervals; ``predict`` the posterior mean.
     - ``embedding``: a point estimator (``kind="point"``) trained on the same data. Its network
       becomes the posterior's embedding, frozen (no gradient reaches it, dropout off): the flow is

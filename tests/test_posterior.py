@@ -149,15 +149,20 @@ def test_flow_with_a_conditional_affine_layer_integrates_to_one_and_reloads(tmp_
     est = _untrained_estimator(conditional_affine=True)
     est = eqx.tree_at(lambda e: e.encoder, est, _randomised_affine(est.encoder, jax.random.key(4)))
     erp = np.sin(np.linspace(0, 6, 41)).astype(np.float32)
-    n = 250
-    e1 = 50.0 + (np.arange(n) + 0.5) * 100.0 / n
-    e2 = 25.0 + (np.arange(n) + 0.5) * 50.0 / n
-    grid = np.stack(np.meshgrid(e1, e2, indexing="ij"), -1).reshape(-1, 2)
-    total = np.exp(est.log_prob(grid, erp)).sum() * (100.0 / n) * (50.0 / n)
+    total, grid = _box_integral(est, erp)
     assert abs(total - 1.0) < 3e-3
     plain = _untrained_estimator()
     assert not np.allclose(est.log_prob(grid[:50], erp), plain.log_prob(grid[:50], erp))
     _assert_reload_draws_the_same(est, tmp_path / "affine")
+
+
+def _box_integral(est, erp, n=250):
+    """The integral of exp(est.log_prob) over the estimator's prior box [50, 150] x [25, 75] of
+    :func:`_untrained_estimator`, by the midpoint rule on ``n`` x ``n`` cells; and the cells' centres."""
+    e1 = 50.0 + (np.arange(n) + 0.5) * 100.0 / n
+    e2 = 25.0 + (np.arange(n) + 0.5) * 50.0 / n
+    grid = np.stack(np.meshgrid(e1, e2, indexing="ij"), -1).reshape(-1, 2)
+    return np.exp(est.log_prob(grid, erp)).sum() * (100.0 / n) * (50.0 / n), grid
 
 
 def _untrained_estimator(n_times=41, **options):
@@ -175,12 +180,7 @@ def test_posterior_density_integrates_to_one_over_the_prior_box():
     error is far below the 3e-3 tolerance."""
     est = _untrained_estimator()
     erp = np.sin(np.linspace(0, 6, 41)).astype(np.float32)
-    n = 250
-    e1 = 50.0 + (np.arange(n) + 0.5) * 100.0 / n
-    e2 = 25.0 + (np.arange(n) + 0.5) * 50.0 / n
-    grid = np.stack(np.meshgrid(e1, e2, indexing="ij"), -1).reshape(-1, 2)
-    lp = est.log_prob(grid, erp)
-    total = np.exp(lp).sum() * (100.0 / n) * (50.0 / n)
+    total, _ = _box_integral(est, erp)
     assert abs(total - 1.0) < 3e-3
     assert est.log_prob(np.array([[49.0, 30.0], [100.0, 80.0]]), erp).tolist() == [-np.inf, -np.inf]
 
