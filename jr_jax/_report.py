@@ -500,8 +500,17 @@ def _posterior(res) -> list[tuple]:
         return next(r for r in rows if r["parameter"] == q and r["snr_db"] == s)
 
     b = [("h", 2, "Posterior estimator: calibration and what the data determine")]
-    b.append(("p", f"A posterior estimator (neural posterior estimation: the same encoder as an embedding and a "
-                   f"conditional normalizing flow on the logit of the prior box) trained on the robust regressor's "
+    if cfg.get("posterior_embedding") == "robust":
+        options = cfg.get("posterior_options", {})
+        extras = [text for key, text in (("noise_feature", "the ERP's noise level as a feature"),
+                                         ("conditional_affine", "a conditional affine last layer")) if options.get(key)]
+        network = ("neural posterior estimation: a conditional normalizing flow on the logit of the prior box, "
+                   "trained on the robust point regressor's estimates, its network frozen as the embedding"
+                   + (f", with {' and '.join(extras)}" if extras else "") + ")")
+    else:
+        network = ("neural posterior estimation: the same encoder as an embedding and a conditional normalizing "
+                   "flow on the logit of the prior box, trained end to end)")
+    b.append(("p", f"A posterior estimator ({network} trained on the robust regressor's "
                    f"data and SNRs ({pt['n_train']} training ERPs, {cfg['robust_snr_db'][0]:g}–"
                    f"{cfg['robust_snr_db'][1]:g} dB, {pt['epochs']} epochs). Calibrated on the {post['n_test']} "
                    f"held-out test ERPs at {_list(level_label(s) for s in levels)}, with {post['n_draws']} posterior "

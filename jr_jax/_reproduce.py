@@ -42,6 +42,11 @@ TEST_LEVELS_DB = (None, STUDY_SNR_DB) + STUDY_LEVELS_DB[1:]
 
 CONFIG = "config.json"
 
+#: the reproduce posterior's flow options: on the frozen robust regressor, the ERP's noise level as a
+#: feature and the conditional affine layer (the setting whose posterior mean keeps the regressor's
+#: R² while calibrated, docs/guides/inference.md)
+POSTERIOR_OPTIONS = dict(noise_feature=True, conditional_affine=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class ReproduceConfig:
@@ -56,7 +61,10 @@ class ReproduceConfig:
     - ``posterior_epochs`` / ``posterior_patience``: a posterior estimator (NPE, ``kind="posterior"``)
       trained on the robust model's data and SNRs, calibrated on the test split at
       ``posterior_levels_db`` (``None``: every test level) with ``calibration_draws`` posterior
-      draws per ERP;
+      draws per ERP. ``posterior_embedding="robust"``: its flow is trained on the robust point
+      regressor's estimates, that network frozen as the embedding (``jr_jax.train(...,
+      embedding=...)``); ``None``: trained end to end on its own encoder. ``posterior_options``:
+      the flow's options (``jr_jax.train(..., posterior=...)``);
     - ``sobol_n``: Sobol' base samples (n (d + 2) simulations); ``fisher_draws``: prior draws at
       which the Fisher information is computed.
     """
@@ -77,9 +85,18 @@ class ReproduceConfig:
     posterior_epochs: int
     posterior_patience: int
     posterior_levels_db: tuple | None = None
+    posterior_embedding: str | None = "robust"
+    posterior_options: dict = dataclasses.field(default_factory=lambda: dict(POSTERIOR_OPTIONS))
     calibration_draws: int = 199
     n_trials: int = 60
     seed: int = 0
+
+    def __post_init__(self):
+        if self.posterior_embedding not in ("robust", None):
+            raise ValueError(f"posterior_embedding must be 'robust' or None, got {self.posterior_embedding!r}")
+        if not isinstance(self.posterior_options, dict):
+            raise TypeError(f"posterior_options must be a dict of jr_jax.train's posterior options, got "
+                            f"{type(self.posterior_options).__name__}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -95,8 +112,8 @@ PRESETS = {
     "quick": ReproduceConfig(
         preset="quick", n_levels=10000, train_levels_db=(None, 20.0, 0.0), test_levels_db=TEST_LEVELS_DB,
         grid_epochs=4, grid_patience=4, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=15,
-        robust_patience=15, encoder=_ENCODER, sobol_n=64, fisher_draws=4, posterior_epochs=10,
-        posterior_patience=10, posterior_levels_db=(STUDY_SNR_DB, 30.0, 10.0, 0.0)),
+        robust_patience=15, encoder=_ENCODER, sobol_n=64, fisher_draws=4, posterior_epochs=15,
+        posterior_patience=15, posterior_levels_db=(STUDY_SNR_DB, 30.0, 10.0, 0.0)),
     # the study's design: ten levels, 1000 simulations per level, 80/10/10; plus 50 000 simulations
     # for a noise-robust point regressor and a posterior estimator, each trained until its
     # validation loss stops falling (80 epochs at most), the posterior calibrated on 5000 test ERPs
@@ -293,13 +310,14 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
     ds_test = load_dataset(out / "data" / ("large.zarr" if config.n_large else "levels.zarr"))
     amplitude = steps("erp_amplitude", lambda: _amplitude(ds_test, protocol))["value"]
 
-    def train_step(name, ds, snr, epochs, patience, kind="point"):
+    def train_step(name, ds, snr, epochs, patience, kind="point", **options):
         model_dir = out / "models" / name
 
         def run():
-            est, history = train(ds, kind=kind, snr_db=snr, encoder=config.encoder, epochs=epochs, patience=patience,
+            encoder = None if options.get("embedding") is not None else config.encoder
+            est, history = train(ds, kind=kind, snr_db=snr, encoder=encoder, epochs=epochs, patience=patience,
                                  schedule="cosine", seed=config.seed, checkpoint_dir=out / "checkpoints" / name,
-                                 progress=progress)
+                                 progress=progress, **options)
             est.save(model_dir, overwrite=True)
             samples = sum(h["samples"] for h in history)
             seconds = sum(h["seconds"] for h in history)
@@ -332,9 +350,12 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
 
     robust_rows = steps("evaluate_robust", evaluate_robust)["value"]
 
-    # the posterior estimator: the same data, SNRs and encoder as the robust point regressor
+    # the posterior estimator: the same data and SNRs as the robust point regressor, by default its
+    # flow on that regressor's frozen network
+    embedding = Estimator.load(out / "models" / "robust") if config.posterior_embedding == "robust" else None
     rec = train_step("posterior", robust_ds, tuple(config.robust_snr_db), config.posterior_epochs,
-                     config.posterior_patience, kind="posterior")
+                     config.posterior_patience, kind="posterior", embedding=embedding,
+                     posterior=dict(config.posterior_options))
     posterior_training = dict(rec["value"], seconds=rec["seconds"])
     posterior_levels = [s for s in test_levels if config.posterior_levels_db is None or s in config.posterior_levels_db]
     posterior = steps("calibrate_posterior", lambda: _calibrate_posterior(

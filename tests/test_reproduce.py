@@ -228,6 +228,33 @@ def test_posterior_calibration_matches_evaluate(run):
     assert row[:4] == [f"{first[f'coverage_{k}']:.2f}" for k in (50, 80, 90, 95)]
 
 
+def test_posterior_flow_is_trained_on_the_frozen_robust_regressor(run):
+    """The reproduce posterior's embedding is the robust point regressor's network, leaf for leaf
+    (frozen: training the flow did not change it), with the preset's flow options, and the report
+    says so."""
+    import equinox as eqx
+    import jax
+
+    cfg = PRESETS["test"]
+    assert cfg.posterior_embedding == "robust"
+    robust = jr_jax.Estimator.load(run / "models" / "robust")
+    posterior = jr_jax.Estimator.load(run / "models" / "posterior")
+    mine = jax.tree_util.tree_leaves(eqx.filter(posterior.encoder.embedding, eqx.is_array))
+    theirs = jax.tree_util.tree_leaves(eqx.filter(robust.encoder, eqx.is_array))
+    assert len(mine) == len(theirs) > 0
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine, theirs))
+    np.testing.assert_array_equal(np.asarray(posterior.x_mean), np.asarray(robust.x_mean))
+    for option, value in cfg.posterior_options.items():
+        assert posterior.manifest["encoder"][option] == value, option
+    md = (run / "report.md").read_text()
+    assert "trained on the robust point regressor's estimates, its network frozen as the embedding" in md
+
+
+def test_reproduce_config_refuses_an_unknown_posterior_embedding():
+    with pytest.raises(ValueError, match="posterior_embedding must be 'robust' or None"):
+        PRESETS["test"].__class__(**dict(PRESETS["test"].to_dict(), posterior_embedding="grid"))
+
+
 def test_correlation_comparison_against_scipy():
     """_compare_r is Fisher's two-sample z test at the two-sided 5 % level (p from SciPy's normal)."""
     from scipy import stats
