@@ -224,7 +224,8 @@ def calibration_from_draws(draws, theta, names, *, prior_sd, lows, highs, snr_db
     q_lo = np.quantile(alld, (1 - grid) / 2, axis=1)  # (levels, N, q)
     q_hi = np.quantile(alld, (1 + grid) / 2, axis=1)
     coverage = ((q_lo <= truth[None]) & (truth[None] <= q_hi)).mean(axis=1)  # (levels, q)
-    cal_error = np.median(np.abs(coverage - grid[:, None]), axis=0)
+    # rounded: coverages are multiples of 1/N, and an error of exactly 0.03 must not read as 0.030000000000000027
+    cal_error = np.round(np.median(np.abs(coverage - grid[:, None]), axis=0), 12)
     mean, sd = alld.mean(axis=1), alld.std(axis=1, ddof=1)
     contraction = 1.0 - sd**2 / np.asarray(prior_sd, np.float64) ** 2
     z_score = (mean - truth) / sd

@@ -484,6 +484,12 @@ def _amplitude(res) -> list[tuple]:
     return b
 
 
+def _posterior_snrs(cfg) -> str:
+    """The SNR range the posterior estimator was trained on (the robust regressor's unless set)."""
+    low, high = cfg.get("posterior_snr_db") or cfg["robust_snr_db"]
+    return f"{low:g}–{high:g} dB"
+
+
 def _posterior(res) -> list[tuple]:
     names = _names(res)
     post = res["posterior"]
@@ -511,8 +517,7 @@ def _posterior(res) -> list[tuple]:
         network = ("neural posterior estimation: the same encoder as an embedding and a conditional normalizing "
                    "flow on the logit of the prior box, trained end to end)")
     b.append(("p", f"A posterior estimator ({network} trained on the robust regressor's "
-                   f"data and SNRs ({pt['n_train']} training ERPs, {cfg['robust_snr_db'][0]:g}–"
-                   f"{cfg['robust_snr_db'][1]:g} dB, {pt['epochs']} epochs). Calibrated on the {post['n_test']} "
+                   f"data ({pt['n_train']} training ERPs, {_posterior_snrs(cfg)}, {pt['epochs']} epochs). Calibrated on the {post['n_test']} "
                    f"held-out test ERPs at {_list(level_label(s) for s in levels)}, with {post['n_draws']} posterior "
                    "draws each; the noisy ERPs are the ones the point regressor was scored on. A calibrated "
                    "posterior's x % central intervals hold the truth in x % of the test ERPs (coverage); the "
@@ -594,7 +599,7 @@ def _posterior(res) -> list[tuple]:
     if flagged:
         b.append(("p", "The embedding check flagged test ERPs as unlike the training ERPs at "
                        + "; ".join(f"{k}: {v[0].split(' (first')[0]}" for k, v in flagged.items())
-                       + f" (training SNRs {cfg['robust_snr_db'][0]:g}–{cfg['robust_snr_db'][1]:g} dB)."))
+                       + f" (training SNRs {_posterior_snrs(cfg)})."))
     for f in post["figures"]:
         b.append(("img", f"figures/{f['file']}", f"posterior calibration at {level_label(f['snr_db'])}"))
     return b
@@ -710,7 +715,7 @@ def _timings(res) -> list[tuple]:
           for t in g["train_levels_db"]]
     snrs = f"{cfg['robust_snr_db'][0]:g}–{cfg['robust_snr_db'][1]:g} dB"
     tr.append([f"robust {snrs}", "point", str(rt["n_train"]), str(rt["epochs"]), f"{rt['samples_per_s']:.0f}"])
-    tr.append([f"posterior {snrs}", "posterior", str(pt["n_train"]), str(pt["epochs"]), f"{pt['samples_per_s']:.0f}"])
+    tr.append([f"posterior {_posterior_snrs(cfg)}", "posterior", str(pt["n_train"]), str(pt["epochs"]), f"{pt['samples_per_s']:.0f}"])
     b.append(("table", ["model", "kind", "training ERPs", "epochs", "training samples/s"], tr))
     b.append(("p", "Files: `results.json` (every number above), `robust.csv`, `grid.csv`, `posterior.csv`, "
                    "`sensitivity.csv`, `figures/`, the trained estimators under `models/` (load with "

@@ -299,6 +299,20 @@ def test_smc_correction_recovers_the_grid_posterior(toy_posterior, observation):
     assert np.all((res.samples > PRIOR.lows) & (res.samples < PRIOR.highs))
 
 
+def test_calibration_error_of_exactly_three_percent_reads_as_three_percent():
+    """Every test case has the same draws, 201 evenly spaced on [0, 1], so the central x % interval
+    is [(1 - x)/2, (1 + x)/2] exactly; the 1000 truths are placed so that the interval at each level
+    x = 0.05 k holds 1000 (x + 0.03) of them. Every |coverage - level| is 0.03, hence the median, and
+    it must compare as <= 0.03 (in binary floating point it came out as 0.030000000000000027)."""
+    n = 1000
+    half_width = np.maximum((np.arange(n) + 0.5) / n - 0.03, 0.0)  # truth's |t - 0.5| * 2
+    theta = (0.5 + half_width / 2)[:, None]
+    draws = np.broadcast_to(np.linspace(0.0, 1.0, 201)[None, :, None], (n, 201, 1))
+    cal = jr_jax.calibration_from_draws(draws, theta, ("p",), prior_sd=np.ones(1), lows=np.zeros(1), highs=np.ones(1))
+    np.testing.assert_allclose(cal.coverage[:, 0], np.asarray(cal.levels) + 0.03, rtol=0, atol=1e-12)
+    assert cal.calibration_error[0] == 0.03
+
+
 def test_calibration_accepts_exact_and_rejects_overconfident_posteriors():
     """Conjugate normal model (theta ~ N(0, 1), x ~ N(theta, 1), posterior N(x/2, 1/2)). With exact
     draws, N = 1000 and 199 draws, coverage errors are about 0.016 (binomial SD at 0.5), so the
