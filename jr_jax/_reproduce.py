@@ -113,7 +113,7 @@ class ReproduceConfig:
 _ENCODER = DEFAULT_ENCODER
 
 PRESETS = {
-    # 4.1 min of steps on a 2-core CPU on a fast day (benchmarks/results/reproduce_quick.json; README): enough data
+    # 4.5 min on a 2-core CPU on 2026-12-07 (benchmarks/results/reproduce_quick.json; README): enough data
     # that A_i and b_i are clearly recovered, and a calibrated posterior on 1000 held-out ERPs
     "quick": ReproduceConfig(
         preset="quick", n_levels=10000, train_levels_db=(None, 20.0, 0.0), test_levels_db=TEST_LEVELS_DB,
