@@ -516,8 +516,8 @@ def _posterior(res) -> list[tuple]:
     else:
         network = ("neural posterior estimation: the same encoder as an embedding and a conditional normalizing "
                    "flow on the logit of the prior box, trained end to end)")
-    b.append(("p", f"A posterior estimator ({network} trained on the robust regressor's "
-                   f"data ({pt['n_train']} training ERPs, {_posterior_snrs(cfg)}, {pt['epochs']} epochs). Calibrated on the {post['n_test']} "
+    b.append(("p", f"A posterior estimator ({network} trained on the robust regressor's data ({pt['n_train']} "
+                   f"training ERPs, {_posterior_snrs(cfg)}, {pt['epochs']} epochs). Calibrated on the {post['n_test']} "
                    f"held-out test ERPs at {_list(level_label(s) for s in levels)}, with {post['n_draws']} posterior "
                    "draws each; the noisy ERPs are the ones the point regressor was scored on. A calibrated "
                    "posterior's x % central intervals hold the truth in x % of the test ERPs (coverage); the "
@@ -715,7 +715,8 @@ def _timings(res) -> list[tuple]:
           for t in g["train_levels_db"]]
     snrs = f"{cfg['robust_snr_db'][0]:g}–{cfg['robust_snr_db'][1]:g} dB"
     tr.append([f"robust {snrs}", "point", str(rt["n_train"]), str(rt["epochs"]), f"{rt['samples_per_s']:.0f}"])
-    tr.append([f"posterior {_posterior_snrs(cfg)}", "posterior", str(pt["n_train"]), str(pt["epochs"]), f"{pt['samples_per_s']:.0f}"])
+    tr.append([f"posterior {_posterior_snrs(cfg)}", "posterior", str(pt["n_train"]), str(pt["epochs"]),
+               f"{pt['samples_per_s']:.0f}"])
     b.append(("table", ["model", "kind", "training ERPs", "epochs", "training samples/s"], tr))
     b.append(("p", "Files: `results.json` (every number above), `robust.csv`, `grid.csv`, `posterior.csv`, "
                    "`sensitivity.csv`, `figures/`, the trained estimators under `models/` (load with "

@@ -43,8 +43,8 @@ TEST_LEVELS_DB = (None, STUDY_SNR_DB) + STUDY_LEVELS_DB[1:]
 CONFIG = "config.json"
 
 #: the reproduce posterior's flow options: on the frozen robust regressor, the ERP's noise level as a
-#: feature and the conditional affine layer (the setting whose posterior mean keeps the regressor's
-#: R² while calibrated, docs/guides/inference.md)
+#: feature and the conditional affine layer (its posterior mean keeps the regressor's R², with
+#: calibration errors <= 0.04 at 0-50 dB on the quick preset; docs/guides/inference.md)
 POSTERIOR_OPTIONS = dict(noise_feature=True, conditional_affine=True)
 #: and the SNRs it is trained on: wider than the robust regressor's 0-40 dB, so that the levels it is
 #: calibrated at (0 to 50 dB) lie inside its training range, not at or beyond its edge (on the quick
@@ -63,7 +63,7 @@ class ReproduceConfig:
       ``robust_snr_db``; ``None`` trains that model on the per-level dataset;
     - epochs and patience of the grid models and of the robust model; ``encoder`` options;
     - ``posterior_epochs`` / ``posterior_patience``: a posterior estimator (NPE, ``kind="posterior"``)
-      trained on the robust model's data and SNRs, calibrated on the test split at
+      trained on the robust model's data, calibrated on the test split at
       ``posterior_levels_db`` (``None``: every test level) with ``calibration_draws`` posterior
       draws per ERP. ``posterior_embedding="robust"``: its flow is trained on the robust point
       regressor's estimates, that network frozen as the embedding (``jr_jax.train(...,
@@ -114,7 +114,7 @@ _ENCODER = DEFAULT_ENCODER
 
 PRESETS = {
     # 4.5 min on a 2-core CPU on 2026-12-07 (benchmarks/results/reproduce_quick.json; README): enough data
-    # that A_i and b_i are clearly recovered, and a calibrated posterior on 1000 held-out ERPs
+    # that A_i and b_i are clearly recovered, and a posterior checked on 1000 held-out ERPs
     "quick": ReproduceConfig(
         preset="quick", n_levels=10000, train_levels_db=(None, 20.0, 0.0), test_levels_db=TEST_LEVELS_DB,
         grid_epochs=4, grid_patience=4, n_large=None, robust_snr_db=(0.0, 40.0), robust_epochs=15,
@@ -356,8 +356,8 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
 
     robust_rows = steps("evaluate_robust", evaluate_robust)["value"]
 
-    # the posterior estimator: the same data and SNRs as the robust point regressor, by default its
-    # flow on that regressor's frozen network
+    # the posterior estimator: the robust point regressor's data, by default its flow on that
+    # regressor's frozen network
     embedding = Estimator.load(out / "models" / "robust") if config.posterior_embedding == "robust" else None
     posterior_snr = tuple(config.posterior_snr_db or config.robust_snr_db)
     rec = train_step("posterior", robust_ds, posterior_snr, config.posterior_epochs,
