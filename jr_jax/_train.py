@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -336,6 +337,12 @@ def train(
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, low, strict in (("learning_rate", learning_rate, 0.0, True), ("clip_norm", clip_norm, 0.0, True),
+                                     ("min_delta", min_delta, 0.0, False)):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value <= low if strict else value < low):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+    learning_rate, clip_norm, min_delta = float(learning_rate), float(clip_norm), float(min_delta)
     if noise_color not in ("white", "pink"):
         raise ValueError(f"noise_color must be 'white' or 'pink', got {noise_color!r}")
     if schedule not in (None, "cosine"):

