@@ -487,7 +487,7 @@ def _amplitude(res) -> list[tuple]:
 def _posterior_snrs(cfg) -> str:
     """The SNR range the posterior estimator was trained on (the robust regressor's unless set)."""
     low, high = cfg.get("posterior_snr_db") or cfg["robust_snr_db"]
-    return f"{low:g}–{high:g} dB"
+    return f"{low:g}–{high:g} dB" if low >= 0 else f"−{-low:g} to {high:g} dB"
 
 
 def _posterior(res) -> list[tuple]:
@@ -506,16 +506,17 @@ def _posterior(res) -> list[tuple]:
         return next(r for r in rows if r["parameter"] == q and r["snr_db"] == s)
 
     b = [("h", 2, "Posterior estimator: calibration and what the data determine")]
+    options = cfg.get("posterior_options", {})
+    extras = [text for key, text in (("noise_feature", "the ERP's noise level as a feature"),
+                                     ("regression_weight", "a regression head"),
+                                     ("conditional_affine", "a conditional affine last layer")) if options.get(key)]
+    extras = f", with {' and '.join(extras)}" if extras else ""
     if cfg.get("posterior_embedding") == "robust":
-        options = cfg.get("posterior_options", {})
-        extras = [text for key, text in (("noise_feature", "the ERP's noise level as a feature"),
-                                         ("conditional_affine", "a conditional affine last layer")) if options.get(key)]
         network = ("neural posterior estimation: a conditional normalizing flow on the logit of the prior box, "
-                   "trained on the robust point regressor's estimates, its network frozen as the embedding"
-                   + (f", with {' and '.join(extras)}" if extras else "") + ")")
+                   f"trained on the robust point regressor's estimates, its network frozen as the embedding{extras})")
     else:
         network = ("neural posterior estimation: the same encoder as an embedding and a conditional normalizing "
-                   "flow on the logit of the prior box, trained end to end)")
+                   f"flow on the logit of the prior box, trained end to end{extras})")
     b.append(("p", f"A posterior estimator ({network} trained on the robust regressor's data ({pt['n_train']} "
                    f"training ERPs, {_posterior_snrs(cfg)}, {pt['epochs']} epochs). Calibrated on the {post['n_test']} "
                    f"held-out test ERPs at {_list(level_label(s) for s in levels)}, with {post['n_draws']} posterior "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -43,13 +44,20 @@ TEST_LEVELS_DB = (None, STUDY_SNR_DB) + STUDY_LEVELS_DB[1:]
 CONFIG = "config.json"
 
 #: the reproduce posterior's flow options: on the frozen robust regressor, the ERP's noise level as a
-#: feature and the conditional affine layer (its posterior mean keeps the regressor's R², with
-#: calibration errors <= 0.04 at 0-50 dB on the quick preset; docs/guides/inference.md)
+#: feature and the conditional affine layer (its posterior mean keeps the regressor's R²; measured
+#: with the alternatives in benchmarks/results/reproduce_posterior.json, docs/guides/inference.md)
 POSTERIOR_OPTIONS = dict(noise_feature=True, conditional_affine=True)
-#: and the SNRs it is trained on: wider than the robust regressor's 0-40 dB, so that the levels it is
-#: calibrated at (0 to 50 dB) lie inside its training range, not at or beyond its edge (on the quick
-#: preset, trained on 0-40 dB, its calibration error reached 0.061 at 50 dB and 0.050 at 0 dB)
+#: and the SNRs it is trained on: wider than the robust regressor's 0-40 dB, so that the quick preset's
+#: calibrated levels (0 to 50 dB) lie inside its training range, not at or beyond its edge (trained on
+#: 0-40 dB, its worst calibration error was 0.045 at 50 dB and 0.050 at 0 dB; on -5 to 55 dB, 0.039
+#: and 0.032, in 15 epochs)
 POSTERIOR_SNR_DB = (-5.0, 55.0)
+#: what a configuration written before these fields existed did: its posterior was trained end to end
+#: on the robust regressor's SNRs, with the flow's default options
+_EARLIER_POSTERIOR = dict(posterior_embedding=None, posterior_snr_db=None, posterior_options={})
+#: the flow options ReproduceConfig.posterior_options may set (jr_jax.train's ``posterior``)
+_FLOW_OPTIONS = ("embed_dim", "flow_layers", "knots", "interval", "nn_width", "noise_feature", "regression_weight",
+                 "conditional_affine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +108,21 @@ class ReproduceConfig:
     def __post_init__(self):
         if self.posterior_embedding not in ("robust", None):
             raise ValueError(f"posterior_embedding must be 'robust' or None, got {self.posterior_embedding!r}")
+        snr = self.posterior_snr_db
+        if snr is not None and not (isinstance(snr, (tuple, list)) and len(snr) == 2
+                                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in snr)
+                                    and snr[0] <= snr[1]):
+            raise ValueError(f"posterior_snr_db must be None or (low, high) in dB with low <= high, got {snr!r}")
         if not isinstance(self.posterior_options, dict):
             raise TypeError(f"posterior_options must be a dict of jr_jax.train's posterior options, got "
                             f"{type(self.posterior_options).__name__}")
+        unknown = sorted(set(self.posterior_options) - set(_FLOW_OPTIONS))
+        if unknown:
+            raise ValueError(f"posterior_options has unknown option(s) {', '.join(unknown)}; allowed: "
+                             f"{', '.join(_FLOW_OPTIONS)}")
+        if self.posterior_embedding == "robust" and ({"embed_dim", "regression_weight"} & set(self.posterior_options)):
+            raise ValueError("posterior_options: embed_dim and regression_weight are for a posterior trained end to "
+                             "end; with posterior_embedding='robust' the embedding is the robust regressor's")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -241,11 +261,17 @@ def _check_out(out: Path, config: ReproduceConfig, force: bool) -> None:
             raise FileExistsError(f"{out} is not a jr_jax reproduce folder ({cfg_path} is not a reproduce "
                                   "configuration), so it will not be deleted or overwritten; choose another out")
     if saved is not None:
+        earlier = not set(_EARLIER_POSTERIOR) <= set(saved)
+        saved = {**_EARLIER_POSTERIOR, **saved}  # an earlier version's run: what its posterior step did
         if saved != config.to_dict():
             if not force:
                 diff = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
+                note = (" (it was written by an earlier version of jr_jax, whose posterior was trained end to end: "
+                        "to resume it, pass a ReproduceConfig with posterior_embedding=None, posterior_snr_db=None, "
+                        "posterior_options={})") if earlier else ""
                 raise ValueError(f"{out} holds a reproduce run with a different configuration (differs in: "
-                                 f"{', '.join(diff)}); pass force=True (--force) to delete it, or choose another out")
+                                 f"{', '.join(diff)}){note}; pass force=True (--force) to delete it, or choose "
+                                 "another out")
             shutil.rmtree(out)  # a jr_jax reproduce run (its config.json says so)
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a jr_jax reproduce folder (no {CONFIG} written by "

@@ -246,13 +246,47 @@ def test_posterior_flow_is_trained_on_the_frozen_robust_regressor(run):
     np.testing.assert_array_equal(np.asarray(posterior.x_mean), np.asarray(robust.x_mean))
     for option, value in cfg.posterior_options.items():
         assert posterior.manifest["encoder"][option] == value, option
+    assert posterior.manifest["snr_db"] == list(cfg.posterior_snr_db) == [-5.0, 55.0]
+    assert robust.manifest["snr_db"] == list(cfg.robust_snr_db)
     md = (run / "report.md").read_text()
-    assert "trained on the robust point regressor's estimates, its network frozen as the embedding" in md
+    assert ("trained on the robust point regressor's estimates, its network frozen as the embedding, with the "
+            "ERP's noise level as a feature and a conditional affine last layer") in md
+    assert "training ERPs, −5 to 55 dB, 2 epochs" in md and "| posterior −5 to 55 dB | posterior |" in md
 
 
-def test_reproduce_config_refuses_an_unknown_posterior_embedding():
-    with pytest.raises(ValueError, match="posterior_embedding must be 'robust' or None"):
-        PRESETS["test"].__class__(**dict(PRESETS["test"].to_dict(), posterior_embedding="grid"))
+@pytest.mark.parametrize("change, match", [
+    (dict(posterior_embedding="grid"), "posterior_embedding must be 'robust' or None"),
+    (dict(posterior_snr_db=30.0), r"posterior_snr_db must be None or \(low, high\)"),
+    (dict(posterior_snr_db=(40.0, 0.0)), "low <= high"),
+    (dict(posterior_options=dict(noise_feature=True, knot=8)), "unknown option.s. knot; allowed: embed_dim"),
+    (dict(posterior_options=dict(regression_weight=10.0)), "embed_dim and regression_weight are for a posterior"),
+])
+def test_reproduce_config_refuses_bad_posterior_settings(change, match):
+    with pytest.raises(ValueError, match=match):
+        PRESETS["test"].__class__(**dict(PRESETS["test"].to_dict(), **change))
+
+
+def test_a_run_folder_of_an_earlier_version_resumes_with_its_own_posterior_settings(tmp_path):
+    """A config.json written before the posterior fields existed is read as what that version did (a
+    posterior trained end to end): a configuration saying so resumes it; the current preset is
+    refused, the message naming the fields and how to resume, and nothing is deleted."""
+    from jr_jax._reproduce import _check_out
+
+    cfg = PRESETS["test"]
+    old = {k: v for k, v in cfg.to_dict().items()
+           if k not in ("posterior_embedding", "posterior_snr_db", "posterior_options")}
+    out = tmp_path / "old_run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(old))
+    (out / "steps").mkdir()
+    (out / "steps" / "data_levels.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"differs in: posterior_embedding, posterior_options, posterior_snr_db\) "
+                                         r"\(it was written by an earlier version of jr_jax"):
+        _check_out(out, cfg, force=False)
+    earlier = cfg.__class__(**dict(cfg.to_dict(), posterior_embedding=None, posterior_snr_db=None,
+                                   posterior_options={}))
+    _check_out(out, earlier, force=False)  # resumes: no error, nothing removed
+    assert (out / "steps" / "data_levels.json").is_file() and json.loads((out / "config.json").read_text()) == old
 
 
 def test_correlation_comparison_against_scipy():
