@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def _train(args: argparse.Namespace) -> int:
 
             shutil.rmtree(ckpt)  # --force starts the training afresh
         posterior, embedding = None, None
+        if args.kind == "point":
+            flow_flags = ["--" + name.replace("_", "-") for name, default in _FLOW_DEFAULTS.items()
+                          if getattr(args, name) != default]
+            if flow_flags:
+                raise ValueError(f"{', '.join(flow_flags)} set(s) the posterior's flow and cannot be given with "
+                                 "--kind point; drop it, or train a posterior (--kind posterior)")
         if args.kind == "posterior":
             posterior = dict(embed_dim=args.embed_dim, flow_layers=args.flow_layers, knots=args.knots,
                              noise_feature=args.noise_feature, regression_weight=args.regression_weight,
@@ -114,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
         est, history = train(ds, kind=args.kind, posterior=posterior, embedding=embedding, snr_db=snr,
                              encoder=encoder, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                              patience=args.patience, schedule=args.schedule, seed=args.seed, checkpoint_dir=ckpt)
-    except (ValueError, DatasetError) as e:
+    except (ValueError, FileNotFoundError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     est.save(out, overwrite=True)
@@ -561,7 +568,7 @@ def _parser() -> argparse.ArgumentParser:
                 "writes report.md/.html, results.json, CSV tables and figures", _reproduce)
     r.add_argument("--preset", choices=["quick", "study", "test"], default="quick",
                    help="quick: a few minutes on a 2-core CPU; study: the study's ten noise levels with "
-                        "1000 simulations each plus a 50 000-simulation model; test: seconds")
+                        "1000 simulations each plus a 50 000-simulation model; test: about a minute, for the tests")
     r.add_argument("--out", default=None, help="output folder; an interrupted run in it resumes where it stopped "
                    "(default: jr_jax_out/PRESET)")
     r.add_argument("--force", action="store_true", help="delete an earlier jr_jax reproduce run with a different "
@@ -593,16 +600,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", choices=["posterior", "point"], default="posterior",
                    help="posterior: draws and credible intervals (jr-jax infer prints them); point: the study's "
                         "regressor (one number per parameter)")
-    t.add_argument("--embed-dim", action=_StoreGiven, type=int, default=32,
+    t.add_argument("--embed-dim", action=_StoreGiven, type=int, default=_FLOW_DEFAULTS["embed_dim"],
                    help="posterior: size of the ERP embedding")
-    t.add_argument("--flow-layers", type=int, default=6, help="posterior: coupling spline layers")
-    t.add_argument("--knots", type=int, default=8, help="posterior: spline knots per layer")
-    t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=False,
-                   help="posterior: condition the flow on each ERP's measured noise level as well")
-    t.add_argument("--conditional-affine", action=argparse.BooleanOptionalAction, default=False,
+    t.add_argument("--flow-layers", type=int, default=_FLOW_DEFAULTS["flow_layers"],
+                   help="posterior: coupling spline layers")
+    t.add_argument("--knots", type=int, default=_FLOW_DEFAULTS["knots"], help="posterior: spline knots per layer")
+    t.add_argument("--noise-feature", action=argparse.BooleanOptionalAction, default=_FLOW_DEFAULTS["noise_feature"],
+                   help="posterior: condition the flow on each ERP's measured noise level as well (default: off)")
+    t.add_argument("--conditional-affine", action=argparse.BooleanOptionalAction,
+                   default=_FLOW_DEFAULTS["conditional_affine"],
                    help="posterior: a conditional affine layer after the flow's coupling layers, which places and "
-                        "scales each ERP's posterior")
-    t.add_argument("--regression-weight", type=float, default=0.0, help="posterior: weight of the squared error "
+                        "scales each ERP's posterior (default: off)")
+    t.add_argument("--regression-weight", type=float, default=_FLOW_DEFAULTS["regression_weight"],
+                   help="posterior: weight of the squared error "
                    "of a linear head from the embedding to the parameters, added to the training loss (0: none)")
     t.add_argument("--embedding", default=None, metavar="POINT_MODEL",
                    help="posterior: a point estimator folder trained on the same dataset (jr-jax train --kind "
@@ -611,7 +621,7 @@ def _parser() -> argparse.ArgumentParser:
                         "is trained with the flow)")
     t.add_argument("--out", default="jr_jax_out/model", help="estimator folder")
     t.add_argument("--snr", default=None, help="training SNR in dB: a number, a range LOW:HIGH, or inf (clean) "
-                   "(default: inf, clean ERPs)")
+                   "(default: inf, clean ERPs); a negative value may be written --snr -5:55 or --snr=-5:55")
     t.add_argument("--epochs", type=int, default=60, help="most epochs (the study: 150); the expected duration is "
                    "printed a few seconds into the first")
     t.add_argument("--batch-size", type=int, default=32, help="samples per batch")
@@ -724,8 +734,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the flow options of jr-jax train and their defaults: refused with --kind point when changed
+_FLOW_DEFAULTS = dict(embed_dim=32, flow_layers=6, knots=8, noise_feature=False, conditional_affine=False,
+                      regression_weight=0.0)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--snr -5:55`` as ``--snr=-5:55``: argparse reads a value that starts with "-" and is not a plain
+    negative number (a range) as an option, and refuses it."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--snr" and i + 1 < len(argv) and re.fullmatch(r"-[0-9.]+:.*", argv[i + 1]):
+            out.append(f"--snr={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     _use_all_cpu_cores()
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     _use_compilation_cache()
     return args.func(args)

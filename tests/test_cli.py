@@ -190,7 +190,8 @@ def test_train_evaluate_infer(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", fake_train)
     assert main(["train", str(data), "--out", str(tmp_path / "frozen"), "--embedding", str(model),
-                 "--noise-feature", "--conditional-affine"]) == 2
+                 "--noise-feature", "--conditional-affine", "--snr", "-5:55"]) == 2
+    assert seen["snr_db"] == (-5.0, 55.0)  # a range starting below 0 after a space, not taken for an option
     assert isinstance(seen["embedding"], jr_jax.Estimator) and seen["embedding"].kind == "point"
     assert seen["encoder"] is None and "embed_dim" not in seen["posterior"] and seen["posterior"]["noise_feature"]
     assert seen["posterior"]["conditional_affine"]
@@ -200,6 +201,14 @@ def test_train_evaluate_infer(tmp_path, capsys, monkeypatch):
     assert main(["train", str(data), "--out", str(tmp_path / "frozen"), "--embedding", str(model),
                  "--hid", "16", "--embed-dim", "8"]) == 2
     assert "--embed-dim, --hidden cannot be given with --embedding" in capsys.readouterr().err and not seen
+    # the flow's options with a point estimator are refused, not ignored; a missing embedding folder is one line
+    assert main(["train", str(data), "--kind", "point", "--out", str(tmp_path / "p1"), "--knots", "4",
+                 "--noise-feature"]) == 2
+    assert ("--knots, --noise-feature set(s) the posterior's flow and cannot be given with --kind point"
+            in capsys.readouterr().err) and not seen
+    assert main(["train", str(data), "--out", str(tmp_path / "p1"), "--embedding", str(tmp_path / "nothere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a saved jr_jax estimator" in err and "Traceback" not in err
     monkeypatch.undo()
     assert main(["train", str(data), "--kind", "point", "--out", str(tmp_path / "p2"), "--embedding", str(model)]) == 2
     assert "only for kind='posterior'" in capsys.readouterr().err
