@@ -7,9 +7,13 @@ draw mapped back lies strictly inside the box; densities in parameter units incl
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import paramax
 from flowjax.bijections import AbstractBijection, Chain, RationalQuadraticSpline
 from flowjax.distributions import Normal, Transformed
@@ -101,6 +105,33 @@ class ConditionalAffine(AbstractBijection):
         return (y - loc) * jnp.exp(-log_scale), -jnp.sum(log_scale)
 
 
+#: the options of :class:`PosteriorNet` beside its encoder (``jr_jax.train(..., posterior=...)``)
+FLOW_OPTIONS = ("embed_dim", "flow_layers", "knots", "interval", "nn_width", "regression_weight", "noise_feature",
+                "conditional_affine")
+
+
+def check_flow_options(options: dict) -> None:
+    """Refuse an unknown option of :data:`FLOW_OPTIONS` or a value it cannot take, naming it: integers
+    >= 1 (``embed_dim``, ``flow_layers``, ``knots``, ``nn_width``), a finite ``interval`` > 0 and
+    ``regression_weight`` >= 0, booleans (``noise_feature``, ``conditional_affine``)."""
+    unknown = sorted(set(options) - set(FLOW_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown posterior option(s) {', '.join(unknown)}; allowed: {', '.join(FLOW_OPTIONS)}")
+    for name, value in options.items():
+        if name in ("embed_dim", "flow_layers", "knots", "nn_width"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"posterior {name} must be an integer >= 1, got {value!r}")
+        elif name in ("noise_feature", "conditional_affine"):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"posterior {name} must be True or False, got {value!r}")
+        else:
+            low_ok = (lambda v: v > 0) if name == "interval" else (lambda v: v >= 0)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or not low_ok(value)):
+                raise ValueError(f"posterior {name} must be a finite number {'>' if name == 'interval' else '>='} 0, "
+                                 f"got {value!r}")
+
+
 class PosteriorNet(eqx.Module):
     """A Bi-LSTM embedding of the ERP conditioning a coupling flow with rational-quadratic spline
     transformers (a neural spline flow) over the unbounded parameters ``z`` (dimension ``n_out``).
@@ -132,15 +163,11 @@ class PosteriorNet(eqx.Module):
                  flow_layers: int = 6, knots: int = 8, interval: float = 6.0, nn_width: int = 64,
                  regression_weight: float = 0.0, noise_feature: bool = False, conditional_affine: bool = False,
                  key: PRNGKeyArray):
-        for name, value in (("n_out", n_out), ("embed_dim", embed_dim), ("flow_layers", flow_layers),
-                            ("knots", knots), ("nn_width", nn_width)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"posterior {name} must be an integer >= 1, got {value!r}")
-        if not interval > 0:
-            raise ValueError(f"posterior interval must be > 0, got {interval!r}")
-        if isinstance(regression_weight, bool) or not (isinstance(regression_weight, (int, float))
-                                                        and regression_weight >= 0):
-            raise ValueError(f"posterior regression_weight must be a number >= 0, got {regression_weight!r}")
+        if not isinstance(n_out, int) or isinstance(n_out, bool) or n_out < 1:
+            raise ValueError(f"posterior n_out must be an integer >= 1, got {n_out!r}")
+        check_flow_options(dict(embed_dim=embed_dim, flow_layers=flow_layers, knots=knots, interval=interval,
+                                nn_width=nn_width, regression_weight=regression_weight, noise_feature=noise_feature,
+                                conditional_affine=conditional_affine))
         encoder = dict(encoder or {})
         encoder.pop("kind", None)
         for k in ("n_channels", "n_out"):

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import math
+import numbers
 import os
 import platform
 import shutil
@@ -55,9 +56,6 @@ POSTERIOR_SNR_DB = (-5.0, 55.0)
 #: what a configuration written before these fields existed did: its posterior was trained end to end
 #: on the robust regressor's SNRs, with the flow's default options
 _EARLIER_POSTERIOR = dict(posterior_embedding=None, posterior_snr_db=None, posterior_options={})
-#: the flow options ReproduceConfig.posterior_options may set (jr_jax.train's ``posterior``)
-_FLOW_OPTIONS = ("embed_dim", "flow_layers", "knots", "interval", "nn_width", "noise_feature", "regression_weight",
-                 "conditional_affine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +108,22 @@ class ReproduceConfig:
             raise ValueError(f"posterior_embedding must be 'robust' or None, got {self.posterior_embedding!r}")
         snr = self.posterior_snr_db
         if snr is not None and not (isinstance(snr, (tuple, list)) and len(snr) == 2
-                                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in snr)
+                                    and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                            and math.isfinite(v) for v in snr)
                                     and snr[0] <= snr[1]):
-            raise ValueError(f"posterior_snr_db must be None or (low, high) in dB with low <= high, got {snr!r}")
+            raise ValueError(f"posterior_snr_db must be None or (low, high): two finite numbers in dB with "
+                             f"low <= high, got {snr!r}")
+        if snr is not None:  # plain floats, as the configuration is written to JSON
+            object.__setattr__(self, "posterior_snr_db", (float(snr[0]), float(snr[1])))
         if not isinstance(self.posterior_options, dict):
             raise TypeError(f"posterior_options must be a dict of jr_jax.train's posterior options, got "
                             f"{type(self.posterior_options).__name__}")
-        unknown = sorted(set(self.posterior_options) - set(_FLOW_OPTIONS))
-        if unknown:
-            raise ValueError(f"posterior_options has unknown option(s) {', '.join(unknown)}; allowed: "
-                             f"{', '.join(_FLOW_OPTIONS)}")
+        from ._flow import check_flow_options
+
+        try:
+            check_flow_options(self.posterior_options)
+        except ValueError as e:
+            raise ValueError(f"posterior_options: {e}") from None
         if self.posterior_embedding == "robust" and ({"embed_dim", "regression_weight"} & set(self.posterior_options)):
             raise ValueError("posterior_options: embed_dim and regression_weight are for a posterior trained end to "
                              "end; with posterior_embedding='robust' the embedding is the robust regressor's")

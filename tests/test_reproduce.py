@@ -252,18 +252,30 @@ def test_posterior_flow_is_trained_on_the_frozen_robust_regressor(run):
     assert ("trained on the robust point regressor's estimates, its network frozen as the embedding, with the "
             "ERP's noise level as a feature and a conditional affine last layer") in md
     assert "training ERPs, −5 to 55 dB, 2 epochs" in md and "| posterior −5 to 55 dB | posterior |" in md
+    assert "\n \n" not in md  # no empty paragraph where a short training has no "still falling" sentence
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(posterior_embedding="grid"), "posterior_embedding must be 'robust' or None"),
-    (dict(posterior_snr_db=30.0), r"posterior_snr_db must be None or \(low, high\)"),
+    (dict(posterior_snr_db=30.0), r"posterior_snr_db must be None or \(low, high\): two finite numbers"),
     (dict(posterior_snr_db=(40.0, 0.0)), "low <= high"),
-    (dict(posterior_options=dict(noise_feature=True, knot=8)), "unknown option.s. knot; allowed: embed_dim"),
+    (dict(posterior_snr_db=(True, 55.0)), "two finite numbers"),
+    (dict(posterior_snr_db=(-5.0, float("inf"))), "two finite numbers"),
+    (dict(posterior_options=dict(noise_feature=True, knot=8)), "unknown posterior option.s. knot; allowed: embed_dim"),
+    (dict(posterior_options=dict(noise_feature="yes")), "posterior noise_feature must be True or False, got 'yes'"),
+    (dict(posterior_options=dict(flow_layers=0)), "posterior flow_layers must be an integer >= 1, got 0"),
+    (dict(posterior_embedding=None, posterior_options=dict(regression_weight=float("nan"))),
+     "posterior regression_weight must be a finite number >= 0, got nan"),
     (dict(posterior_options=dict(regression_weight=10.0)), "embed_dim and regression_weight are for a posterior"),
 ])
 def test_reproduce_config_refuses_bad_posterior_settings(change, match):
     with pytest.raises(ValueError, match=match):
         PRESETS["test"].__class__(**dict(PRESETS["test"].to_dict(), **change))
+
+
+def test_reproduce_config_takes_numpy_numbers_for_the_posterior_snrs():
+    cfg = PRESETS["test"].__class__(**dict(PRESETS["test"].to_dict(), posterior_snr_db=(np.float32(-5), np.int64(55))))
+    assert cfg.posterior_snr_db == (-5.0, 55.0) and cfg.to_dict()["posterior_snr_db"] == [-5.0, 55.0]
 
 
 def test_a_run_folder_of_an_earlier_version_resumes_with_its_own_posterior_settings(tmp_path):
@@ -287,6 +299,20 @@ def test_a_run_folder_of_an_earlier_version_resumes_with_its_own_posterior_setti
                                    posterior_options={}))
     _check_out(out, earlier, force=False)  # resumes: no error, nothing removed
     assert (out / "steps" / "data_levels.json").is_file() and json.loads((out / "config.json").read_text()) == old
+
+
+def test_the_report_says_which_calibration_target_each_level_meets():
+    """Each level is put in the group its two targets (calibration error <= 0.03, no SBC p < 0.01) say;
+    an error of exactly 0.03 meets its target."""
+    from jr_jax._report import _targets_sentence
+
+    values = {50.0: (0.042, 0.2), 30.0: (0.028, 0.003), 10.0: (0.030, 0.5), 0.0: (0.05, 0.001)}
+    rows = {(q, s): dict(calibration_error=e if q == "b_i" else 0.01, sbc_pvalue=p if q == "A_e" else 0.5)
+            for s, (e, p) in values.items() for q in ("A_e", "b_i")}
+    text = _targets_sentence(list(values), ["A_e", "b_i"], lambda q, s: rows[(q, s)])
+    assert text == ("At 10 dB, both calibration targets are met; at 50 dB, only the SBC target is met (a calibration "
+                    "error above the target); at 30 dB, only the calibration error target is met (an SBC failure); "
+                    "at 0 dB, neither target is met.")
 
 
 def test_correlation_comparison_against_scipy():
