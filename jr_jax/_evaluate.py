@@ -143,16 +143,22 @@ def _posterior_rows(estimator, theta, x, label, calibration, n_draws, key) -> li
 
 
 def format_table(rows: list[dict], metric: str = "r2") -> str:
-    """A plain-text table: one line per (method, SNR), one column per parameter."""
+    """A plain-text table: one line per (method, SNR), one column per parameter; "–" where the metric
+    is undefined (Pearson r of a constant estimate such as the prior mean)."""
     rows = [r for r in rows if metric in r]
     names = list(dict.fromkeys(r["parameter"] for r in rows))
     keys = list(dict.fromkeys((r["method"], r["snr_db"]) for r in rows))
     value = {(r["method"], r["snr_db"], r["parameter"]): r[metric] for r in rows}
-    head = f"{'method':18s} {'SNR dB':>7s} " + " ".join(f"{n:>7s}" for n in names)
+    width = max([18] + [len(method) for method, _ in keys])
+    head = f"{'method':{width}s} {'SNR dB':>7s} " + " ".join(f"{n:>7s}" for n in names)
     lines = [f"{metric} per parameter", head, "-" * len(head)]
+
+    def cell(v):
+        return f"{v:7.3f}" if np.isfinite(v) else f"{'–':>7s}"
+
     for method, snr in keys:
         snr_text = "clean" if snr is None else f"{snr:g}"
-        lines.append(f"{method:18s} {snr_text:>7s} " + " ".join(f"{value[(method, snr, n)]:7.3f}" for n in names))
+        lines.append(f"{method:{width}s} {snr_text:>7s} " + " ".join(cell(value[(method, snr, n)]) for n in names))
     return "\n".join(lines)
 
 

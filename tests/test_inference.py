@@ -326,3 +326,15 @@ def test_train_prints_the_expected_duration_once_during_the_first_epoch(capsys):
     text = err.out + err.err
     assert text.count("expected duration:") == 1
     assert "2 epochs at most" in text
+
+
+def test_format_table_aligns_long_method_names_and_marks_undefined_values():
+    """Every line of the table has the header's width whatever the method's name, and a NaN (Pearson r
+    of a constant estimate) prints as "–", not "nan"."""
+    rows = [dict(method=m, snr_db=s, parameter=p, r=v) for m, s, v in
+            (("jr_jax NPE (posterior mean)", 30.0, 0.91), ("prior mean", 30.0, float("nan")), ("ridge", None, 0.5))
+            for p in ("A_e", "b_i")]
+    table = jr_jax.format_table(rows, "r").splitlines()
+    assert len({len(line) for line in table[1:]}) == 1
+    assert table[3] == "jr_jax NPE (posterior mean)      30   0.910   0.910"
+    assert table[4].split()[-2:] == ["–", "–"] and "nan" not in "\n".join(table)
