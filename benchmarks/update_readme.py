@@ -556,7 +556,8 @@ def reference_table(page: Path) -> str:
 
 def budget_table(page: Path) -> str:
     """The posterior benchmark at each simulation budget (benchmarks/posterior.py --name ...)."""
-    runs = [(RESULTS / f"{name}.json") for name in ("posterior", "posterior_50000", "posterior_50000_frozen_affine")]
+    runs = [(RESULTS / f"{name}.json") for name in ("posterior", "posterior_frozen_affine", "posterior_50000",
+                                                    "posterior_50000_frozen_affine")]
     runs = [json.loads(f.read_text()) for f in runs if f.is_file()]
     lines = ["| simulations | NPE | SNR | C2ST: jr_jax NPE | C2ST: sbi NPE | C2ST: NPE + likelihood | worst calibration "
              "error | SBC failures (p < 0.01, of 13) | lowest R² ratio, posterior mean / point regressor | "
@@ -582,10 +583,11 @@ def budget_table(page: Path) -> str:
                          f"{sum(r['sbc_pvalue'] < 0.01 for r in cal)} | {ratio:.2f} ({low}) | {train} |")
     lines += ["", "Simulations: training and validation (the held-out 1000 apart). The R² ratio is over the "
               "parameters whose point-regressor R² exceeds 0.2 (1: the target). `python benchmarks/posterior.py "
-              "--n 50000 --name posterior_50000 ...` makes the second budget's rows; with `--frozen-embedding "
-              "--conditional-affine --name posterior_50000_frozen_affine` the last (no sbi run beside it: the "
-              "same simulations as the rows above it). Training of the frozen-embedding NPE includes its point "
-              "regressor's."]
+              "--n 10000 ...` makes the first budget's end-to-end rows and `--n 50000 --name posterior_50000 ...` "
+              "the second's; with `--frozen-embedding --conditional-affine --name posterior_frozen_affine` (or "
+              "`posterior_50000_frozen_affine`) the rows of the flow on the frozen point regressor (no sbi run "
+              "beside them: the same simulations as the end-to-end rows of their budget). Training of the "
+              "frozen-embedding NPE includes its point regressor's."]
     return "\n".join(lines)
 
 
