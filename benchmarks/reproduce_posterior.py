@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from test_suite import commit, cpu_name  # benchmarks/ is on the path when this script runs
+from reproduce_quick import posterior_summary  # benchmarks/ is on the path when this script runs
+from test_suite import commit, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,24 +46,6 @@ SETTINGS = {
                            posterior_snr_db=(-5.0, 55.0), posterior_epochs=25),
 }
 POSTERIOR_STEPS = ("train_posterior.json", "calibrate_posterior.json")
-
-
-def summary(res: dict) -> dict:
-    """Per test SNR: the worst calibration error, the quantities failing SBC at p < 0.01, the z-score
-    SDs of b_e and b_i, and the posterior mean's R² beside the robust regressor's per parameter."""
-    rows, levels = res["posterior"]["rows"], {}
-    for snr in res["posterior"]["levels_db"]:
-        at = [r for r in rows if r["snr_db"] == snr]
-        worst = max(at, key=lambda r: r["calibration_error"])
-        point = {r["parameter"]: r["r2"] for r in res["robust"]["rows"]
-                 if r["snr_db"] == snr and r["method"] == "jr_jax Bi-LSTM"}
-        levels[f"{snr:g}"] = dict(
-            worst_calibration_error=worst["calibration_error"], worst_quantity=worst["parameter"],
-            sbc_failures={r["parameter"]: r["sbc_pvalue"] for r in at if r["sbc_pvalue"] < 0.01},
-            z_sd={r["parameter"]: r["z_sd"] for r in at if r["parameter"] in ("b_e", "b_i")},
-            posterior_mean_r2={r["parameter"]: r["r2"] for r in at if r["parameter"] in point},
-            point_r2=point)
-    return levels
 
 
 def main():
@@ -92,7 +75,7 @@ def main():
             res = reproduce(config, out, progress=False, log=lambda *a: None)
             entry = dict(config=SETTINGS[name], seconds=time.perf_counter() - t0,
                          train_seconds=res["meta"]["step_seconds"]["train_posterior"],
-                         best_val_loss=res["posterior"]["training"]["best_val_loss"], levels=summary(res))
+                         best_val_loss=res["posterior"]["training"]["best_val_loss"], levels=posterior_summary(res))
             results["settings"][name] = entry
             print(f"{name}: training {entry['train_seconds']:.0f} s, best validation loss {entry['best_val_loss']:.3f}")
             for snr, lv in entry["levels"].items():

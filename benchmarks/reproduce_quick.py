@@ -38,6 +38,27 @@ def sizes(config: dict) -> dict:
     return {k: config.get(k) for k in SIZE_KEYS}
 
 
+def posterior_summary(res: dict) -> dict:
+    """Per calibrated test SNR of a reproduce run's results: the worst calibration error, the quantities
+    failing SBC at p < 0.01, the z-score SDs of b_e and b_i, the posterior mean's R² beside the robust
+    regressor's per parameter, on how many parameters it reaches it and the largest shortfall."""
+    levels = {}
+    for snr in res["posterior"]["levels_db"]:
+        at = [r for r in res["posterior"]["rows"] if r["snr_db"] == snr]
+        worst = max(at, key=lambda r: r["calibration_error"])
+        point = {r["parameter"]: r["r2"] for r in res["robust"]["rows"]
+                 if r["snr_db"] == snr and r["method"] == "jr_jax Bi-LSTM"}
+        mean_r2 = {r["parameter"]: r["r2"] for r in at if r["parameter"] in point}
+        levels[f"{snr:g}"] = dict(
+            worst_calibration_error=worst["calibration_error"], worst_quantity=worst["parameter"],
+            sbc_failures={r["parameter"]: r["sbc_pvalue"] for r in at if r["sbc_pvalue"] < 0.01},
+            z_sd={r["parameter"]: r["z_sd"] for r in at if r["parameter"] in ("b_e", "b_i")},
+            posterior_mean_r2=mean_r2, point_r2=point,
+            r2_at_least_point=sum(mean_r2[q] >= point[q] for q in mean_r2),
+            largest_r2_shortfall=max(point[q] - mean_r2[q] for q in mean_r2))
+    return levels
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/jr_jax_quick")
@@ -71,18 +92,7 @@ def main():
     post = [r for r in res["posterior"]["rows"] if r["snr_db"] == head]
     calibration = {r["parameter"]: {k: r[k] for k in ("calibration_error", "sbc_pvalue", "coverage_90", "contraction")}
                    for r in post}
-    # every calibrated level: the worst calibration error, the SBC failures, and how many parameters'
-    # posterior-mean R² reach the robust regressor's
-    posterior_levels = {}
-    for snr in res["posterior"]["levels_db"]:
-        at = [r for r in res["posterior"]["rows"] if r["snr_db"] == snr]
-        point = {r["parameter"]: r["r2"] for r in rows if r["method"] == "jr_jax Bi-LSTM" and r["snr_db"] == snr}
-        worst = max(at, key=lambda r: r["calibration_error"])
-        posterior_levels[f"{snr:g}"] = dict(
-            worst_calibration_error=worst["calibration_error"], worst_quantity=worst["parameter"],
-            sbc_failures={r["parameter"]: r["sbc_pvalue"] for r in at if r["sbc_pvalue"] < 0.01},
-            r2_at_least_point=sum(r["r2"] >= point[r["parameter"]] for r in at if r["parameter"] in point),
-            largest_r2_shortfall=max(point[r["parameter"]] - r["r2"] for r in at if r["parameter"] in point))
+    posterior_levels = posterior_summary(res)
     # the box is shared when the 1-minute load exceeds what this run itself puts on it (one process per core)
     cores = os.cpu_count() or 1
     summary = dict(preset=args.preset, wall_seconds=seconds, peak_rss_gib=peak_gib, target_seconds=300,
@@ -90,7 +100,8 @@ def main():
                    load_average_15min_after=load_after[2], cpu_cores=cores,
                    box_shared=load_before[0] > 0.5 or load_after[2] > cores + 0.5,
                    step_seconds=res["meta"]["step_seconds"], headline_snr_db=head, robust_r2=r2,
-                   posterior_calibration=calibration, posterior_levels=posterior_levels, device=res["meta"]["device"], versions=res["meta"]["versions"],
+                   posterior_calibration=calibration, posterior_levels=posterior_levels, device=res["meta"]["device"],
+                   versions=res["meta"]["versions"],
                    sizes=sizes(res["meta"]["config"]))
     summary["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary["commit"] = commit()
@@ -134,11 +145,6 @@ def fresh_clone():
     summary.update(readme_command=command, readme_command_fresh_clone_seconds=seconds)
     dest.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"README's first command in a fresh clone (pip may use its cache): {seconds:.0f} s (target <= 600 s)")
-    for snr, lv in posterior_levels.items():
-        fails = ", ".join(f"{q} (p {p:.0e})" for q, p in lv["sbc_failures"].items()) or "none"
-        print(f"posterior at {snr} dB: worst calibration error {lv['worst_calibration_error']:.3f} "
-              f"({lv['worst_quantity']}), SBC p < 0.01: {fails}, posterior-mean R² >= the regressor's on "
-              f"{lv['r2_at_least_point']} of 9 (largest shortfall {lv['largest_r2_shortfall']:.3f})")
     print(f"wrote {dest}")
 
 

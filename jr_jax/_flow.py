@@ -110,13 +110,18 @@ FLOW_OPTIONS = ("embed_dim", "flow_layers", "knots", "interval", "nn_width", "re
                 "conditional_affine")
 
 
-def check_flow_options(options: dict) -> None:
+def check_flow_options(options: dict, *, frozen_embedding: bool = False) -> None:
     """Refuse an unknown option of :data:`FLOW_OPTIONS` or a value it cannot take, naming it: integers
     >= 1 (``embed_dim``, ``flow_layers``, ``knots``, ``nn_width``), a finite ``interval`` > 0 and
-    ``regression_weight`` >= 0, booleans (``noise_feature``, ``conditional_affine``)."""
+    ``regression_weight`` >= 0, booleans (``noise_feature``, ``conditional_affine``). With a
+    ``frozen_embedding`` (a point estimator's network), ``embed_dim`` and a non-zero
+    ``regression_weight`` are refused too: they shape an embedding trained with the flow."""
     unknown = sorted(set(options) - set(FLOW_OPTIONS))
     if unknown:
         raise ValueError(f"unknown posterior option(s) {', '.join(unknown)}; allowed: {', '.join(FLOW_OPTIONS)}")
+    if frozen_embedding and ("embed_dim" in options or options.get("regression_weight", 0.0)):
+        raise ValueError("embed_dim and regression_weight are for a posterior trained end to end; with a frozen "
+                         "embedding (a point estimator's network) leave regression_weight at 0 and embed_dim unset")
     for name, value in options.items():
         if name in ("embed_dim", "flow_layers", "knots", "nn_width"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

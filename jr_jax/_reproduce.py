@@ -121,12 +121,9 @@ class ReproduceConfig:
         from ._flow import check_flow_options
 
         try:
-            check_flow_options(self.posterior_options)
+            check_flow_options(self.posterior_options, frozen_embedding=self.posterior_embedding == "robust")
         except ValueError as e:
             raise ValueError(f"posterior_options: {e}") from None
-        if self.posterior_embedding == "robust" and ({"embed_dim", "regression_weight"} & set(self.posterior_options)):
-            raise ValueError("posterior_options: embed_dim and regression_weight are for a posterior trained end to "
-                             "end; with posterior_embedding='robust' the embedding is the robust regressor's")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -19,7 +19,7 @@ import optax
 
 from ._data import Dataset
 from ._estimator import Estimator, scale_input
-from ._flow import PosteriorNet, to_unbounded
+from ._flow import PosteriorNet, check_flow_options, to_unbounded
 from ._nn import BiLSTM
 from ._params import Prior
 from ._simulate import Protocol, measurement_noise, simulate
@@ -523,8 +523,7 @@ def _check_embedding_estimator(embedding, data: TrainingData, kind: str, encoder
                          f"{getattr(embedding, 'kind', type(embedding).__name__)!r}")
     if encoder is not None:
         raise ValueError("pass either encoder or embedding: with embedding the encoder is the point estimator's")
-    if posterior.get("regression_weight", 0.0) or "embed_dim" in posterior:
-        raise ValueError("embedding sets the embedding: leave regression_weight at 0 and embed_dim unset")
+    check_flow_options(posterior, frozen_embedding=True)
     m = embedding.manifest
     for what, mine, theirs in (("names", list(data.names), m.get("names")),
                                ("n_channels", data.n_channels, m.get("n_channels")),
