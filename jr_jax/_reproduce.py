@@ -159,6 +159,22 @@ PRESETS = {
 }
 
 
+#: Each named preset's measured time, all steps, on the 2-core development CPU (AMD EPYC), printed
+#: before a run starts: quick from ``benchmarks/reproduce_quick.py`` (``reproduce_quick.json``,
+#: 2026-12-07), study from the sum of its steps in ``docs/study/results.json`` (2026-12-06).
+#: tests/test_reproduce.py checks them against those files.
+MEASURED_SECONDS = {"quick": 275.0, "study": 6816.0}
+
+
+def _expected_duration(preset: str) -> str | None:
+    """The line ``reproduce`` prints first for a named preset: its measured time and the machine."""
+    seconds = MEASURED_SECONDS.get(preset)
+    if seconds is None:
+        return None
+    span = f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+    return (f"expected duration: about {span} on a 2-core CPU (measured; a machine's speed can make it half or twice "
+            "that), less for the steps an earlier run here finished")
+
 def _slug(snr_db) -> str:
     return "clean" if snr_db is None else f"{snr_db:g}dB"
 
@@ -312,6 +328,8 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
     t_start = time.perf_counter()
     steps = _Steps(out, log)
     log(f"jr-jax reproduce --preset {config.preset} -> {out}")
+    if config == PRESETS.get(config.preset) and _expected_duration(config.preset):
+        log(_expected_duration(config.preset))
 
     import jax
 

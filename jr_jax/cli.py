@@ -567,8 +567,9 @@ def _parser() -> argparse.ArgumentParser:
     r = command("reproduce", "the study end to end: simulate, train at each noise level, evaluate, sensitivity; "
                 "writes report.md/.html, results.json, CSV tables and figures", _reproduce)
     r.add_argument("--preset", choices=["quick", "study", "test"], default="quick",
-                   help="quick: a few minutes on a 2-core CPU; study: the study's ten noise levels with "
-                        "1000 simulations each plus a 50 000-simulation model; test: about a minute, for the tests")
+                   help="quick: about 5 min on a 2-core CPU; study: the study's ten noise levels with "
+                        "1000 simulations each plus a 50 000-simulation model, about 2 h on a 2-core CPU; test: "
+                        "about a minute, for the tests")
     r.add_argument("--out", default=None, help="output folder; an interrupted run in it resumes where it stopped "
                    "(default: jr_jax_out/PRESET)")
     r.add_argument("--force", action="store_true", help="delete an earlier jr_jax reproduce run with a different "

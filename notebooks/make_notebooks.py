@@ -283,6 +283,13 @@ for snr in (None, 0.0):
     verdict = "network ahead" if a > b + 0.01 else "ridge ahead" if b > a + 0.01 else "level (within 0.01)"
     print(f"{'clean' if snr is None else f'{snr:g} dB'}: mean R² network {a:.3f}, ridge {b:.3f}: {verdict}")
 print("More simulations and epochs raise the network's R² (JR_JAX_FULL=1 here, or jr-jax reproduce).")"""),
+    ("md", """\
+The dataset and the model were written to a temporary folder; remove it (or keep `work` and save
+the model where you want it with `est.save(...)`)."""),
+    ("code", """\
+import shutil
+shutil.rmtree(work)
+print(f"removed {work}")"""),
 ]
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,3 +338,19 @@ def test_render_report_names_the_sections_an_older_results_file_lacks(tmp_path):
     with pytest.raises(ValueError, match=r"no 'posterior', 'amplitude' section: it was written by an earlier version"):
         jr_jax.render_report(tmp_path)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_the_printed_expected_durations_are_the_measured_ones():
+    """The line printed before a named preset runs quotes its measured time: the quick preset's from
+    benchmarks/results/reproduce_quick.json, the study preset's from the sum of the committed study
+    run's steps (docs/study/results.json); to the second, so a rerun of either must update it."""
+    from jr_jax._reproduce import MEASURED_SECONDS, _expected_duration
+
+    root = Path(__file__).resolve().parent.parent
+    quick = json.loads((root / "benchmarks/results/reproduce_quick.json").read_text())
+    study = json.loads((root / "docs/study/results.json").read_text())
+    assert abs(MEASURED_SECONDS["quick"] - quick["wall_seconds"]) < 1
+    assert abs(MEASURED_SECONDS["study"] - study["meta"]["seconds_all_steps"]) < 1
+    assert "about 5 min on a 2-core CPU" in _expected_duration("quick")
+    assert "about 1.9 h on a 2-core CPU" in _expected_duration("study")
+    assert _expected_duration("test") is None
