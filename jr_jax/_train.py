@@ -244,6 +244,14 @@ def _expected_duration(compile_seconds: float, batch_seconds: float, batches_per
             "(early stopping may end sooner)")
 
 
+#: train()'s Adam learning rate unless one is given
+LEARNING_RATE = 1e-3
+#: and for a flow trained on a frozen point estimator (``embedding=``), where only the flow learns: on
+#: the quick preset's data (8000 ERPs, -5 to 55 dB, 25 epochs, cosine), 4e-3 reached a validation loss
+#: of 7.77 nats against 8.39 with 1e-3, and a worst calibration error at 50/30/10/0 dB of
+#: 0.014/0.014/0.030/0.016 against 0.042/0.024/-/0.024 (8e-3: 8.22)
+FROZEN_EMBEDDING_LEARNING_RATE = 4e-3
+
 #: train()'s encoder unless options are given (the reproduce presets' too): the study's Bi-LSTM (64
 #: units per direction, one layer) behind a strided Conv1d (32 channels, kernel and stride 16
 #: samples), which shortens the recurrence 16-fold. On the development CPU the plain Bi-LSTM trained
@@ -276,7 +284,7 @@ def train(
     embedding: Estimator | None = None,
     epochs: int = 60,
     batch_size: int = 32,
-    learning_rate: float = 1e-3,
+    learning_rate: float | None = None,
     schedule: str | None = None,
     clip_norm: float = 1.0,
     patience: int = 15,
@@ -315,7 +323,9 @@ def train(
       :data:`DEFAULT_ENCODER` (64 units, a Conv1d front-end of 32 channels, kernel and stride 16
       samples); ``conv_channels=0`` removes the front-end (the study's plain Bi-LSTM, several
       times slower to train).
-    - Adam (``learning_rate``; ``schedule="cosine"`` decays it to 0 over ``epochs``) after global
+    - Adam (``learning_rate``, default :data:`LEARNING_RATE` = 1e-3, or
+      :data:`FROZEN_EMBEDDING_LEARNING_RATE` = 4e-3 for a flow on a frozen ``embedding``;
+      ``schedule="cosine"`` decays it to 0 over ``epochs``) after global
       gradient clipping at ``clip_norm``; MSE on targets scaled to [0, 1] by the prior bounds;
       inputs standardised with training-split statistics.
     - Early stopping: stops when the validation loss has not improved by ``min_delta`` for
@@ -337,6 +347,8 @@ def train(
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if learning_rate is None:
+        learning_rate = FROZEN_EMBEDDING_LEARNING_RATE if embedding is not None else LEARNING_RATE
     for name, value, low, strict in (("learning_rate", learning_rate, 0.0, True), ("clip_norm", clip_norm, 0.0, True),
                                      ("min_delta", min_delta, 0.0, False)):
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -626,7 +626,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=60, help="most epochs (the study: 150); the expected duration is "
                    "printed a few seconds into the first")
     t.add_argument("--batch-size", type=int, default=32, help="samples per batch")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (Adam) (default: 1e-3, or 4e-3 for a "
+                   "posterior on a frozen --embedding)")
     t.add_argument("--schedule", choices=["cosine"], default=None,
                    help="learning-rate schedule (default: none, a constant rate)")
     t.add_argument("--patience", type=int, default=15, help="stop after this many epochs without a better "
