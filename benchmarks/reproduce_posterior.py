@@ -13,6 +13,12 @@ Settings (``ReproduceConfig`` fields; the quick preset's are ``frozen_wide_25``)
 - ``frozen_wide_15`` / ``frozen_wide_25``: the noise feature and the affine layer, trained on
   -5 to 55 dB, 15 or 25 epochs.
 
+Each entry of the results file records the commit, date and learning rate it ran with; a run
+replaces the entries of the settings it ran and keeps the others. The flow on a frozen regressor
+learned at 1e-3 until ``jr_jax.train`` gave it 4e-3 by default: the stored entry
+``frozen_wide_25_lr1e-3`` is ``frozen_wide_25`` as measured then (the frozen rows without a suffix
+other than it, measured before the change, also ran at 1e-3: see each entry's ``learning_rate``).
+
     jr-jax reproduce --out /tmp/jr_jax_quick          # or python benchmarks/reproduce_quick.py
     python benchmarks/reproduce_posterior.py --run /tmp/jr_jax_quick [--settings frozen_wide_25 ...]
 """
@@ -63,8 +69,10 @@ def main():
     base = ReproduceConfig(**json.loads((run / "config.json").read_text()))
     if base.preset != "quick" or not (run / "results.json").is_file():
         raise SystemExit(f"{run} is not a finished quick-preset reproduce run")
-    results = dict(date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   commit=commit(), cpu=cpu_name(), devices=len(jax.devices()), run=str(run), settings={})
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results = dict(date_utc=now, commit=commit(), cpu=cpu_name(), devices=len(jax.devices()), run=str(run), settings={})
+    if Path(args.out).is_file():  # keep the settings not rerun now, each with its own commit and date
+        results["settings"] = json.loads(Path(args.out).read_text())["settings"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:
             config = dataclasses.replace(base, posterior_patience=SETTINGS[name]["posterior_epochs"], **SETTINGS[name])
@@ -73,7 +81,9 @@ def main():
             (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             t0 = time.perf_counter()
             res = reproduce(config, out, progress=False, log=lambda *a: None)
-            entry = dict(config=SETTINGS[name], seconds=time.perf_counter() - t0,
+            manifest = json.loads((out / "models" / "posterior" / "manifest.json").read_text())
+            entry = dict(config=SETTINGS[name], commit=results["commit"], date_utc=now,
+                         learning_rate=manifest["training"]["learning_rate"], seconds=time.perf_counter() - t0,
                          train_seconds=res["meta"]["step_seconds"]["train_posterior"],
                          best_val_loss=res["posterior"]["training"]["best_val_loss"], levels=posterior_summary(res))
             results["settings"][name] = entry
