@@ -330,13 +330,13 @@ class Estimator(eqx.Module):
         lp = np.where(inside, lp, -np.inf)
         return lp[0] if single else lp
 
-    def posterior(self, erp, n: int = 1000, *, key, level: float = 0.9, fs: float | None = None):
+    def posterior(self, erp, n: int = 1000, *, key, level: float = 0.9, fs: float | None = None, protocol=None):
         """Posterior summary of one ERP or a batch: mean, median, SD and central ``level`` credible
         intervals per parameter and per identifiable combination log(C a_k) (see
-        :class:`PosteriorSummary`), from ``n`` draws."""
+        :class:`PosteriorSummary`), from ``n`` draws. ``protocol``: see :meth:`predict`."""
         from ._summary import PosteriorSummary
 
-        draws = self.sample(erp, n, key=key, fs=fs)
+        draws = self.sample(erp, n, key=key, fs=fs, protocol=protocol)
         return PosteriorSummary.from_draws(draws, self.names, self.units, level=level, prior_sd=self.prior_sd())
 
     def prior_draws(self, n: int = 20000, *, seed: int = 0) -> np.ndarray:

@@ -172,6 +172,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     try:
         est = Estimator.load(args.model)
+        protocol = _stated_protocol(est, args.stimulus, args.trials)
         path = Path(args.erp)
         picks = None if args.picks is None else [c.strip() for c in args.picks.split(",") if c.strip()]
         if path.name.endswith(".fif") or path.name.endswith(".fif.gz"):
@@ -184,7 +185,7 @@ def _infer(args: argparse.Namespace) -> int:
             condition = int(args.condition) if args.condition.isdigit() else args.condition
             erp, names = from_evoked(path, picks, estimator=est, condition=condition,
                                      reference=None if args.reference == "none" else "average", return_ch_names=True)
-            theta = np.atleast_2d(est.predict_array(erp))
+            theta = np.atleast_2d(est.predict_array(erp, protocol=protocol))
             labels = names if est.n_channels == 1 else [f"{len(names)} channels"]
         elif path.suffix in (".npy", ".csv"):
             if args.fs is None:
@@ -192,7 +193,7 @@ def _infer(args: argparse.Namespace) -> int:
             if picks is not None:
                 raise ValueError("--picks is for Evoked (.fif) files")
             erp = _read_erp_file(path, args.units)
-            theta = np.atleast_2d(est.predict_array(erp, fs=args.fs))
+            theta = np.atleast_2d(est.predict_array(erp, fs=args.fs, protocol=protocol))
             labels = [str(i) for i in range(len(theta))]
         else:
             raise ValueError(f"ERP file must be .npy or .csv (one ERP per row, in mV) or an MNE Evoked file "
@@ -200,6 +201,10 @@ def _infer(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if protocol is None and est.manifest.get("protocol"):
+        stim, trials = est.manifest["protocol"].get("stimulus", {}), est.manifest["protocol"].get("n_trials")
+        print(f"note: the ERPs are taken to be made as the training ERPs were (stimulus {_stimulus_name(stim)}, "
+              f"{trials} trial(s) averaged); --stimulus and --trials have that checked")
     if est.kind == "posterior":
         return _print_posteriors(est, np.atleast_2d(erp) if est.n_channels == 1 else erp, labels, args)
     width = max(4, *(len(lab) for lab in labels))
@@ -207,6 +212,38 @@ def _infer(args: argparse.Namespace) -> int:
     for lab, row in zip(labels, theta):
         print(f"{lab:<{width}s} " + " ".join(f"{v:14.4g}" for v in row))
     return 0
+
+
+def _stimulus_name(stimulus: dict) -> str:
+    """``"study"``, ``"default"`` or the stimulus's fields, for a ``Stimulus.to_dict()``-like dict."""
+    from ._model import Stimulus
+
+    for name, s in (("study", Stimulus.study()), ("default", Stimulus())):
+        ref = {"amplitude": s.amplitude, "duration": s.duration, "gains": list(s.gains), "shape": s.shape}
+        if all(stimulus.get(k) == v for k, v in ref.items()):
+            return name
+    return str(stimulus)
+
+
+def _stated_protocol(est, stimulus: str | None, trials: int | None):
+    """The estimator's training protocol with the --stimulus and --trials the user stated, or None when
+    neither was given (then nothing is compared); refused when the manifest records no protocol."""
+    if stimulus is None and trials is None:
+        return None
+    from ._model import Stimulus
+    from ._simulate import Protocol
+
+    if not est.manifest.get("protocol"):
+        raise ValueError("this estimator's manifest records no training protocol, so --stimulus and --trials "
+                         "cannot be checked")
+    if trials is not None and trials < 1:
+        raise ValueError(f"--trials must be an integer >= 1, got {trials}")
+    protocol = Protocol.from_dict(est.manifest["protocol"])
+    if stimulus is not None:
+        protocol = protocol.replace(stimulus=Stimulus.study() if stimulus == "study" else Stimulus())
+    if trials is not None:
+        protocol = protocol.replace(n_trials=trials)
+    return protocol
 
 
 def _print_posteriors(est, erps, labels, args) -> int:
@@ -671,6 +708,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--condition", default="0", help="-ave.fif: which Evoked of the file (index or comment)")
     f.add_argument("--reference", choices=["average", "none"], default="average",
                    help="-ave.fif: re-reference to the average of the good EEG channels, or keep the file's")
+    f.add_argument("--stimulus", choices=["default", "study"], default=None,
+                   help="the stimulus the ERPs were made with, checked against the estimator's training protocol "
+                        "(refused if they differ) (default: not checked; a note names the training protocol)")
+    f.add_argument("--trials", type=int, default=None, help="the number of trials averaged into each ERP, checked "
+                   "likewise (default: not checked)")
     f.add_argument("--draws", type=int, default=1000, help="posterior estimators: draws per ERP")
     f.add_argument("--level", type=float, default=0.9, help="posterior estimators: central credible interval level")
     f.add_argument("--noise-sd", type=float, default=None, help="posterior estimators: correct the draws by the "

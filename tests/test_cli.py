@@ -159,6 +159,16 @@ def test_train_evaluate_infer(tmp_path, capsys, monkeypatch):
     assert "A_i [mV]" in out_npy and capsys.readouterr().out == out_npy
     assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "500", "--units", "mV"]) == 2
     assert "fs=500.0 Hz" in capsys.readouterr().err
+    # the ERPs' protocol: named when not stated, checked when stated (the data used the study's stimulus, 1 trial)
+    assert "note: the ERPs are taken to be made as the training ERPs were (stimulus study, 1 trial(s)" in out_npy
+    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "1000", "--units", "mV", "--stimulus", "study",
+                 "--trials", "1"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "1000", "--units", "mV", "--stimulus",
+                 "default"]) == 2
+    assert "protocol differs" in (err := capsys.readouterr().err) and "stimulus.gains: [0.56, 1.0, 1.0] vs [0.0, 1.0, 0.0]" in err
+    assert main(["infer", str(model), str(tmp_path / "erp.npy"), "--fs", "1000", "--units", "mV", "--trials", "60"]) == 2
+    assert "n_trials: 1 vs 60" in capsys.readouterr().err
 
     # the default kind: a posterior estimator; infer prints intervals and writes the draws
     post = tmp_path / "post"
