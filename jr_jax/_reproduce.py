@@ -175,6 +175,7 @@ def _expected_duration(preset: str) -> str | None:
     return (f"expected duration: about {span} on a 2-core CPU (measured; a machine's speed can make it half or twice "
             "that), less for the steps an earlier run here finished")
 
+
 def _slug(snr_db) -> str:
     return "clean" if snr_db is None else f"{snr_db:g}dB"
 

@@ -247,9 +247,10 @@ def _expected_duration(compile_seconds: float, batch_seconds: float, batches_per
 #: train()'s Adam learning rate unless one is given
 LEARNING_RATE = 1e-3
 #: and for a flow trained on a frozen point estimator (``embedding=``), where only the flow learns: on
-#: the quick preset's data (8000 ERPs, -5 to 55 dB, 25 epochs, cosine), 4e-3 reached a validation loss
-#: of 7.77 nats against 8.39 with 1e-3, and a worst calibration error at 50/30/10/0 dB of
-#: 0.014/0.014/0.030/0.016 against 0.042/0.024/-/0.024 (8e-3: 8.22)
+#: the quick preset's data (8000 ERPs, -5 to 55 dB, 25 epochs, cosine; benchmarks/reproduce_posterior.py,
+#: frozen_wide_25 against frozen_wide_25_lr1e-3), 4e-3 reached a validation loss of 7.77 nats against
+#: 8.39 at 1e-3, and worst calibration errors at 50/30/10/0 dB of 0.018/0.018/0.034/0.015 against
+#: 0.038/0.031/0.017/0.031 (8e-3, tried once: 8.22 nats)
 FROZEN_EMBEDDING_LEARNING_RATE = 4e-3
 
 #: train()'s encoder unless options are given (the reproduce presets' too): the study's Bi-LSTM (64
