@@ -142,7 +142,10 @@ def fresh_clone():
         assert (clone / "jr_jax_out" / "quick" / "report.md").is_file()
     dest = ROOT / "benchmarks" / "results" / "reproduce_quick.json"
     summary = json.loads(dest.read_text()) if dest.exists() else {}
-    summary.update(readme_command=command, readme_command_fresh_clone_seconds=seconds)
+    summary.update(readme_command=command, readme_command_fresh_clone_seconds=seconds,
+                   readme_command_fresh_clone_commit=commit(),
+                   readme_command_fresh_clone_date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                       timespec="seconds"))
     dest.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"README's first command in a fresh clone (pip may use its cache): {seconds:.0f} s (target <= 600 s)")
     print(f"wrote {dest}")

@@ -398,8 +398,11 @@ def quick_timing(quick: dict) -> str:
                 f"{min(minutes):.1f} to {max(minutes):.1f} min")
     if "readme_command_fresh_clone_seconds" in quick:
         fresh = quick["readme_command_fresh_clone_seconds"] / 60
+        when = (f" at {quick['readme_command_fresh_clone_commit']}, "
+                f"{quick['readme_command_fresh_clone_date_utc'][:10]}" if "readme_command_fresh_clone_commit" in quick
+                else "")
         out += (" and, in a separate run, the whole first command in a fresh clone, install included, "
-                f"{fresh:.1f} min (`python benchmarks/reproduce_quick.py --fresh-clone`). Runs of the first command "
+                f"{fresh:.1f} min (`python benchmarks/reproduce_quick.py --fresh-clone`{when}). Runs of the first command "
                 f"have taken from {fresh:.1f} min to 11 min 17 s on this kind of machine, the slowest on a day it ran "
                 "about half as fast; from one run to the next, timings here vary by up to ±30 %.")
     elif len(runs) <= 1:
