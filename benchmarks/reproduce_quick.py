@@ -132,6 +132,7 @@ def fresh_clone():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1)
     command = next(line for line in block.splitlines() if "jr-jax reproduce" in line)
+    cloned = commit()  # the commit the clone gets (HEAD now; later commits do not move it)
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "jr_jax"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -143,7 +144,7 @@ def fresh_clone():
     dest = ROOT / "benchmarks" / "results" / "reproduce_quick.json"
     summary = json.loads(dest.read_text()) if dest.exists() else {}
     summary.update(readme_command=command, readme_command_fresh_clone_seconds=seconds,
-                   readme_command_fresh_clone_commit=commit(),
+                   readme_command_fresh_clone_commit=cloned,
                    readme_command_fresh_clone_date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(
                        timespec="seconds"))
     dest.write_text(json.dumps(summary, indent=2) + "\n")
