@@ -329,8 +329,8 @@ def reproduce(preset: str | ReproduceConfig = "quick", out: str | os.PathLike = 
     t_start = time.perf_counter()
     steps = _Steps(out, log)
     log(f"jr-jax reproduce --preset {config.preset} -> {out}")
-    if config == PRESETS.get(config.preset) and _expected_duration(config.preset):
-        log(_expected_duration(config.preset))
+    if config == PRESETS.get(config.preset) and (expected := _expected_duration(config.preset)):
+        log(expected)
 
     import jax
 

@@ -185,7 +185,7 @@ def _infer(args: argparse.Namespace) -> int:
             condition = int(args.condition) if args.condition.isdigit() else args.condition
             erp, names = from_evoked(path, picks, estimator=est, condition=condition,
                                      reference=None if args.reference == "none" else "average", return_ch_names=True)
-            theta = np.atleast_2d(est.predict_array(erp, protocol=protocol))
+            theta = _checked_point_estimates(est, erp, None, protocol)
             labels = names if est.n_channels == 1 else [f"{len(names)} channels"]
         elif path.suffix in (".npy", ".csv"):
             if args.fs is None:
@@ -193,8 +193,8 @@ def _infer(args: argparse.Namespace) -> int:
             if picks is not None:
                 raise ValueError("--picks is for Evoked (.fif) files")
             erp = _read_erp_file(path, args.units)
-            theta = np.atleast_2d(est.predict_array(erp, fs=args.fs, protocol=protocol))
-            labels = [str(i) for i in range(len(theta))]
+            theta = _checked_point_estimates(est, erp, args.fs, protocol)
+            labels = [str(i) for i in range(1 if est._single(erp) else len(erp))]
         else:
             raise ValueError(f"ERP file must be .npy or .csv (one ERP per row, in mV) or an MNE Evoked file "
                              f"(-ave.fif), got {path.name}")
@@ -206,7 +206,7 @@ def _infer(args: argparse.Namespace) -> int:
         print(f"note: the ERPs are taken to be made as the training ERPs were (stimulus {_stimulus_name(stim)}, "
               f"{trials} trial(s) averaged); --stimulus and --trials have that checked")
     if est.kind == "posterior":
-        return _print_posteriors(est, np.atleast_2d(erp) if est.n_channels == 1 else erp, labels, args)
+        return _print_posteriors(est, np.asarray(erp)[None] if est._single(erp) else erp, labels, args)
     width = max(4, *(len(lab) for lab in labels))
     print(f"{'erp':<{width}s} " + " ".join(f"{f'{n} [{u}]':>14s}" for n, u in zip(est.names, est.units)))
     for lab, row in zip(labels, theta):
@@ -214,13 +214,25 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_point_estimates(est, erp, fs, protocol):
+    """A point estimator's estimates ``(N, n_params)``; for a posterior estimator only the checks of
+    :meth:`Estimator.predict` (shape, rate, scale, offset, protocol), since its draws come later."""
+    import numpy as np
+
+    if est.kind == "posterior":
+        est._check_protocol(protocol)
+        est._check(erp, fs)
+        return None
+    return np.atleast_2d(est.predict_array(erp, fs=fs, protocol=protocol))
+
+
 def _stimulus_name(stimulus: dict) -> str:
-    """``"study"``, ``"default"`` or the stimulus's fields, for a ``Stimulus.to_dict()``-like dict."""
+    """``"study"``, ``"default"`` or the stimulus's fields, for the stimulus of a ``Protocol.to_dict()``."""
     from ._model import Stimulus
+    from ._simulate import Protocol
 
     for name, s in (("study", Stimulus.study()), ("default", Stimulus())):
-        ref = {"amplitude": s.amplitude, "duration": s.duration, "gains": list(s.gains), "shape": s.shape}
-        if all(stimulus.get(k) == v for k, v in ref.items()):
+        if stimulus == Protocol(stimulus=s).to_dict()["stimulus"]:
             return name
     return str(stimulus)
 
